@@ -54,6 +54,9 @@ class BenchCase:
         dtypes: dtypes to run.
         config: free-form dict stored as JSON in the CSV.
         rtol/atol: tolerance of the pre-timing check against the ``eager`` provider.
+        devices: device types the case runs on (e.g. ``("cuda",)`` for sizes that only make sense on a GPU);
+            other devices skip it.
+        warmup: untimed calls before timing (lower it for providers that take seconds per call).
     """
 
     benchmark: str
@@ -66,6 +69,8 @@ class BenchCase:
     config: Dict[str, Any] = field(default_factory=dict)
     rtol: float = 1e-4
     atol: float = 1e-5
+    devices: Sequence[str] = ("cpu", "cuda")
+    warmup: int = 5
 
 
 def _float_outputs(out) -> List[torch.Tensor]:
@@ -183,6 +188,8 @@ def run_case(case: BenchCase, device: torch.device, *, providers: Optional[Seque
     from ddfast import _extension
 
     rows = []
+    if device.type not in case.devices:
+        return rows
     provs = [p for p in case.providers if providers is None or p in providers]
     for dtype in case.dtypes:
         for mode in case.modes:
@@ -221,7 +228,7 @@ def run_case(case: BenchCase, device: torch.device, *, providers: Optional[Seque
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 try:
-                    times = time_fn(call, device, repeats=repeats)
+                    times = time_fn(call, device, warmup=case.warmup, repeats=repeats)
                 except Exception as exc:  # a provider that cannot run this case (e.g. compile failure)
                     print(f"  {case.benchmark} {case.name} {prov} {mode}: skipped ({type(exc).__name__}: {exc})")
                     continue

@@ -36,20 +36,39 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(ddfast, m) {
   // ---- 1. trajectory matching (MTT / DATM / TESLA) -------------------------------------------
-  // student, start, target: [B, P] (the Python wrapper views [P] as [1, P]). loss = num / den per row.
+  // student, start, target: [B, P] (the Python wrapper views [P] as [1, P]); any row stride.
+  // forward -> (loss [B] in the input dtype, num [B], den [B] in the accumulation dtype: float32, or float64
+  // for float64 inputs). loss = num / den; a row with den == 0 raises ValueError.
   m.def("trajectory_matching_loss_forward(Tensor student, Tensor start, Tensor target) -> (Tensor, Tensor, Tensor)");
-  m.def("trajectory_matching_loss_backward(Tensor grad_loss, Tensor student, Tensor start, Tensor target, Tensor loss, Tensor den) -> (Tensor, Tensor, Tensor)");
-  // TESLA: theta_N = start - lr * grad_sum; returns (loss, step_vector = dL/dG, grad_lr = dL/dlr)
+  // -> (d_student, d_start, d_target); an output whose output_mask entry is false is an empty [0] tensor.
+  m.def("trajectory_matching_loss_backward(Tensor grad_loss, Tensor student, Tensor start, Tensor target, Tensor num, Tensor den, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // TESLA: theta_N = start - lr * grad_sum, lr [B] in the accumulation dtype;
+  // -> (loss [B], step_vector = dL/dG [B, P], grad_lr = dL/dlr [B]) in the input dtype.
   m.def("tesla_quantities(Tensor start, Tensor target, Tensor grad_sum, Tensor lr) -> (Tensor, Tensor, Tensor)");
 
   // ---- 2. batched kernel ridge regression (RCIG) ---------------------------------------------
-  // support_x [B,n,p], support_y [B,n,C], query_x [B,m,p], ridge [B] -> (pred [B,m,C], alpha [B,n,C], factor [B,n,n])
+  // support_x [B,n,p], support_y [B,n,C], query_x [B,m,p], ridge [B] (support_x's dtype)
+  //   -> (pred [B,m,C], alpha [B,n,C], factor [B,n,n] = lower Cholesky L of X_s X_s^T + ridge I)
   m.def("kernel_ridge_regression_forward(Tensor support_x, Tensor support_y, Tensor query_x, Tensor ridge) -> (Tensor, Tensor, Tensor)");
-  m.def("kernel_ridge_regression_backward(Tensor grad_pred, Tensor support_x, Tensor query_x, Tensor alpha, Tensor factor) -> (Tensor, Tensor, Tensor, Tensor)");
+  // -> (d_support_x, d_support_y, d_query_x, d_ridge); masked-off outputs are empty [0] tensors.
+  m.def("kernel_ridge_regression_backward(Tensor grad_pred, Tensor support_x, Tensor query_x, Tensor alpha, Tensor factor, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Factor reuse (RCIG inner steps): L once, then many solves / predictions with it. support_x and ridge are
+  // inputs of the solve/predict ops only so that autograd can route their gradients (see ddfast/ops/krr.py).
+  m.def("kernel_ridge_regression_factor(Tensor support_x, Tensor ridge) -> Tensor");
+  m.def("kernel_ridge_regression_predict(Tensor factor, Tensor support_x, Tensor support_y, Tensor query_x, Tensor ridge) -> (Tensor, Tensor)");
+  m.def("kernel_ridge_regression_solve(Tensor factor, Tensor support_x, Tensor rhs, Tensor ridge) -> Tensor");
+  // -> (d_support_x, d_rhs, d_ridge)
+  m.def("kernel_ridge_regression_solve_backward(Tensor grad_alpha, Tensor factor, Tensor support_x, Tensor alpha, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 
   // ---- 3. per-sample trust scoring (TAD) -----------------------------------------------------
+  // logits [N,C] (f16/bf16/f32/f64, unit column stride or copied), labels [N] int64 ->
+  // (loss, confidence, margin) [N] in the accumulation dtype (f64 for f64, else f32), prediction [N] int64
   m.def("sample_stats(Tensor logits, Tensor labels) -> (Tensor, Tensor, Tensor, Tensor)");
+  // the same, plus ema <- momentum * ema + (1 - momentum) * loss in place (ema [N] f32/f64, any stride)
   m.def("sample_stats_ema_(Tensor logits, Tensor labels, Tensor(a!) ema, float momentum) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("classwise_gmm(Tensor values, Tensor labels, int num_classes, int num_iters, float tol, float reg_covar, Tensor init_weights, Tensor init_means, Tensor init_variances) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("anchor_distances(Tensor features, Tensor anchors, Tensor? precision) -> (Tensor, Tensor)");
+  // values [N] f32/f64, labels [N] int64, init_* [C,2] in values' dtype ->
+  // (posterior_low [N], weights [C,2], means [C,2], variances [C,2], n_iter [C] int64)
+  m.def("classwise_gmm(Tensor values, Tensor labels, int num_classes, int num_iters, float tol, float reg_covar, Tensor init_weights, Tensor init_means, Tensor init_variances) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // features [N,D], anchors [C,D], precision [D,D] or None (Euclidean) -> (mahalanobis_sq [N,C], cosine [N,C])
+  m.def("anchor_distances(Tensor features, Tensor anchors, Tensor? precision, float eps) -> (Tensor, Tensor)");
 }

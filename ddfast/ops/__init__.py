@@ -4,14 +4,15 @@ Public ops (specification: shared/reference/kernels.md):
 
 - :func:`trajectory_matching_loss` -- MTT/DATM normalised parameter distance (MTT eq. 2), with
   :func:`tesla_quantities` for TESLA's constant-memory meta-gradient.
-- :func:`kernel_ridge_regression` -- batched linear-kernel ridge regression by Cholesky (RCIG).
+- :func:`kernel_ridge_regression` -- batched linear-kernel ridge regression by Cholesky (RCIG), with
+  :func:`krr_factor` / :func:`krr_solve` / :func:`krr_predict` to reuse one factorisation across many solves.
 - :func:`sample_stats`, :func:`classwise_gmm`, :func:`anchor_distances` -- per-sample trust scoring (TAD).
 
 Every op runs the compiled kernel when :func:`has_extension` is True and the device is supported, and its
 reference in ``ddfast.ops._reference`` otherwise (or with ``DDFAST_DISABLE_EXTENSION=1``).
 """
 from .._extension import build_info, has_cuda_kernels, has_extension
-from .krr import kernel_ridge_regression
+from .krr import KRRFactor, kernel_ridge_regression, krr_factor, krr_predict, krr_solve
 from .trajectory import TeslaQuantities, tesla_quantities, trajectory_matching_loss
 from .trust import AnchorDistances, GMMFit, SampleStats, anchor_distances, classwise_gmm, sample_stats
 
@@ -20,6 +21,10 @@ __all__ = [
     "tesla_quantities",
     "TeslaQuantities",
     "kernel_ridge_regression",
+    "KRRFactor",
+    "krr_factor",
+    "krr_solve",
+    "krr_predict",
     "sample_stats",
     "SampleStats",
     "classwise_gmm",

@@ -1,0 +1,543 @@
+"""What a run leaves behind for people: the image grid, the plots, ``report.md`` and the sweep tables.
+
+Everything here is written atomically (:mod:`ddfast.io`): a PNG or markdown file under its final name is
+always complete.
+
+- :func:`synset_input_transform` -- rebuilds the network-input transform (normalisation, ZCA) a synthetic
+  set was distilled in, from its ``preprocess`` metadata and tensors; used to transform test images and,
+  inverted, to show the synthetic images as pictures (the ZCA trap of mtt-distillation#11).
+- :func:`save_synset_grid` -- a ``torchvision.utils.make_grid`` PNG: one row per class, normalisation and
+  ZCA undone.
+- :func:`plot_curves`, :func:`plot_tad_rounds` -- matplotlib PNGs (distillation loss, accuracy over
+  iterations, trusted-set growth per TAD round).
+- :func:`render_report` -- ``report.md`` from a ``metrics.json`` dict.
+- :func:`sweep_table` -- the papers' table shape (rows: method +/- TAD and the baselines; columns: noise
+  specs) as markdown and CSV.
+"""
+from __future__ import annotations
+
+import csv
+import io as _io
+import math
+import os
+import shlex
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+from .io import atomic_open, atomic_write_text
+
+__all__ = [
+    "synset_input_transform",
+    "synset_pixels",
+    "save_synset_grid",
+    "plot_curves",
+    "plot_tad_rounds",
+    "render_report",
+    "sweep_table",
+    "BASELINE_TITLES",
+    "fmt_acc",
+]
+
+#: row titles of the results (metrics.json ``results`` keys)
+BASELINE_TITLES = {
+    "distilled": "distilled set",
+    "random_subset": "random real subset (noisy labels)",
+    "full_noisy": "full noisy training set",
+    "noisy_learner": "noisy-label learner on the full set",
+    "full_clean": "full clean training set (oracle)",
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the synthetic set as pictures
+# ----------------------------------------------------------------------------------------------------------
+def synset_input_transform(syn) -> Any:
+    """The network-input transform of a :class:`~ddfast.distill.base.SyntheticSet`.
+
+    Reads ``syn.preprocess`` / ``syn.preprocess_state``: when ``preprocess["transform"]`` names a kind
+    (``"identity"``, ``"normalize"``, ``"zca"``, ``"compose"``), the transform is rebuilt with
+    :func:`ddfast.augment.transform_from_state_dict` from the state tensors (keys optionally prefixed with
+    ``"transform."``); otherwise ``Normalize(mean, std)`` (when ``mean``/``std`` are given) followed by a ZCA
+    from the ``zca.*`` tensors (when ``preprocess["zca"]``). Returns the identity when nothing is recorded.
+
+    Raises:
+        ValueError: ``zca`` is set but its tensors are missing.
+    """
+    from .augment import ZCA, Compose, Identity, Normalize, transform_from_state_dict
+
+    pre = dict(syn.preprocess or {})
+    state = dict(syn.preprocess_state or {})
+    kind = pre.get("transform") or pre.get("kind")
+    if isinstance(kind, str):
+        sub = {k[len("transform."):]: v for k, v in state.items() if k.startswith("transform.")}
+        return transform_from_state_dict(kind, sub if sub else state)
+    parts = []
+    if pre.get("mean") is not None and pre.get("std") is not None and pre.get("normalize", True):
+        parts.append(Normalize(pre["mean"], pre["std"]))
+    if pre.get("zca"):
+        zs = {k[len("zca."):]: v for k, v in state.items() if k.startswith("zca.")}
+        if not zs:
+            raise ValueError("synthetic set says zca=True but holds no zca.* tensors")
+        parts.append(ZCA.from_state_dict(zs))
+    if not parts:
+        return Identity()
+    return parts[0] if len(parts) == 1 else Compose(*parts)
+
+
+def synset_pixels(syn) -> torch.Tensor:
+    """``float32 [M, C, H, W]`` in ``[0, 1]``: the synthetic images with the input transform undone
+    (clamped; distilled pixels may leave the data range)."""
+    t = synset_input_transform(syn)
+    with torch.no_grad():
+        x = t.inverse(syn.images.detach().float().cpu())
+    return x.clamp(0.0, 1.0)
+
+
+def save_synset_grid(syn, path: str, max_per_class: int = 10) -> str:
+    """Writes a PNG grid of the synthetic images: one row per class (by hard label), at most
+    ``max_per_class`` per row, pixels shown as in the data (ZCA and normalisation undone). Returns ``path``."""
+    from torchvision.utils import make_grid, save_image
+
+    x = synset_pixels(syn)
+    y = syn.hard_labels().cpu()
+    C = int(syn.num_classes)
+    rows: List[torch.Tensor] = []
+    ncol = max(1, min(max_per_class, max(int((y == c).sum()) for c in range(C)) if len(y) else 1))
+    blank = torch.ones_like(x[:1]) if len(x) else torch.ones(1, 1, 8, 8)
+    for c in range(C):
+        xc = x[y == c][:ncol]
+        if xc.shape[0] < ncol:
+            xc = torch.cat([xc, blank.expand(ncol - xc.shape[0], *blank.shape[1:])])
+        rows.append(xc)
+    grid_in = torch.cat(rows)
+    scale = max(1, 64 // max(1, x.shape[-1]))  # make tiny images (8x8 digits) visible
+    if scale > 1:
+        grid_in = torch.nn.functional.interpolate(grid_in, scale_factor=scale, mode="nearest")
+    grid = make_grid(grid_in, nrow=ncol, padding=2, pad_value=1.0)
+    with atomic_open(path, "wb") as f:
+        save_image(grid, f, format="png")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# plots
+# ----------------------------------------------------------------------------------------------------------
+def _save_fig(fig, path: str) -> str:
+    buf = _io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    with atomic_open(path, "wb") as f:
+        f.write(buf.getvalue())
+    return path
+
+
+def _series(history: Sequence[Dict[str, Any]], key: str) -> Tuple[List[float], List[float]]:
+    xs, ys = [], []
+    for i, h in enumerate(history):
+        v = h.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
+            xs.append(float(h.get("iteration", i + 1)))
+            ys.append(float(v))
+    return xs, ys
+
+
+def plot_curves(history: Sequence[Dict[str, Any]], out_dir: str,
+                round_bounds: Sequence[int] = ()) -> Dict[str, str]:
+    """Plots from a distiller's per-iteration ``history`` (list of dicts with ``iteration``):
+
+    - ``loss.png``: ``loss`` over iterations (TAD round boundaries as dashed lines);
+    - ``accuracy.png``: every key containing ``acc`` (evaluation during distillation), when present.
+
+    Returns ``{name: path}`` of the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    written: Dict[str, str] = {}
+    xs, ys = _series(history, "loss")
+    if xs:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(xs, ys, lw=1.0, color="tab:blue", alpha=0.4, label="loss")
+        if len(ys) >= 10:
+            k = max(2, len(ys) // 25)
+            sm = torch.tensor(ys).unfold(0, k, 1).mean(1).tolist()
+            ax.plot(xs[k - 1:], sm, lw=1.8, color="tab:blue", label=f"moving mean ({k})")
+        for b in round_bounds:
+            ax.axvline(b, ls="--", lw=0.8, color="grey")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("distillation loss")
+        ax.set_title("Distillation loss" + (" (dashed: TAD rounds)" if round_bounds else ""))
+        ax.legend(loc="best", fontsize=8)
+        ax.grid(alpha=0.3)
+        written["loss"] = _save_fig(fig, os.path.join(out_dir, "loss.png"))
+    acc_keys = sorted({k for h in history for k in h if "acc" in k.lower()})
+    series = [(k, *_series(history, k)) for k in acc_keys]
+    series = [s for s in series if s[1]]
+    if series:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for k, xs_, ys_ in series:
+            ax.plot(xs_, ys_, marker="o", ms=3, label=k)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title("Accuracy during distillation")
+        ax.legend(loc="best", fontsize=8)
+        ax.grid(alpha=0.3)
+        written["accuracy"] = _save_fig(fig, os.path.join(out_dir, "accuracy.png"))
+    return written
+
+
+def plot_tad_rounds(rounds: Sequence[Dict[str, Any]], out_dir: str, n_train: Optional[int] = None) -> Dict[str, str]:
+    """``tad_trusted.png``: the trusted-set size per TAD round (left axis) and, when known, its precision,
+    recall and the pseudo-label accuracy (right axis, %). Returns ``{name: path}`` (empty without rounds)."""
+    if not rounds:
+        return {}
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    r = [int(x.get("round", i)) for i, x in enumerate(rounds)]
+    size = [_num(x, "trusted", "n_trusted", "trusted_size") for x in rounds]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if any(v is not None for v in size):
+        ax.bar(r, [v or 0 for v in size], color="tab:green", alpha=0.6, label="|trusted|")
+        if n_train:
+            ax.axhline(n_train, ls="--", lw=0.8, color="grey", label="all samples")
+    ax.set_xlabel("TAD round")
+    ax.set_ylabel("trusted samples")
+    ax.set_xticks(r)
+    ax2 = ax.twinx()
+    plotted = False
+    for key, label in (("precision", "precision"), ("recall", "recall"), ("pseudo_label_accuracy", "pseudo-label acc")):
+        vals = [_num(x, key) for x in rounds]
+        if any(v is not None for v in vals):
+            ax2.plot(r, [100 * v if v is not None and v <= 1.0 else v for v in vals], marker="o", label=label)
+            plotted = True
+    if plotted:
+        ax2.set_ylabel("%")
+        ax2.set_ylim(0, 101)
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, loc="lower right", fontsize=8)
+    ax.set_title("TAD: trusted-set growth per round")
+    return {"tad": _save_fig(fig, os.path.join(out_dir, "tad_trusted.png"))}
+
+
+def _num(d: Dict[str, Any], *keys: str) -> Optional[float]:
+    for k in keys:
+        v = d.get(k)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# report.md
+# ----------------------------------------------------------------------------------------------------------
+def fmt_acc(r: Optional[Dict[str, Any]]) -> str:
+    """``"81.23 ± 0.45"`` for a result dict with mean/std, ``"—"`` otherwise."""
+    if not r or r.get("mean") is None:
+        return "—"
+    return f"{r['mean']:.2f} ± {r.get('std', 0.0):.2f}"
+
+
+def _mib(b: Optional[float]) -> str:
+    return "—" if b is None else f"{b / 2 ** 20:.0f}"
+
+
+def _secs(s: Optional[float]) -> str:
+    if s is None:
+        return "—"
+    if s >= 120:
+        return f"{s:.0f} ({s / 60:.1f} min)"
+    return f"{s:.1f}"
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(str(c) for c in r) + " |")
+    return "\n".join(lines)
+
+
+def render_report(m: Dict[str, Any]) -> str:
+    """``report.md`` text from a metrics dict (see ``ddfast.pipeline`` for the schema)."""
+    cfg = m.get("config", {})
+    res = m.get("results", {})
+    noise = m.get("noise", {})
+    ds = m.get("dataset", {})
+    method = str(cfg.get("method", "?")).upper() + (" + TAD" if cfg.get("tad") else "")
+    out: List[str] = []
+    out.append(f"# ddfast run: {method} on {ds.get('name', cfg.get('dataset'))}, noise {noise.get('spec')}, "
+               f"IPC {cfg.get('ipc')}")
+    out.append("")
+    d, rs = res.get("distilled"), res.get("random_subset")
+    if d and rs and d.get("mean") is not None and rs.get("mean") is not None:
+        diff = d["mean"] - rs["mean"]
+        verdict = "beats" if diff > 0 else "does not beat"
+        out.append(f"**The distilled set ({d.get('n_images', '?')} images) {verdict} a random real subset of the "
+                   f"same size with the noisy labels by {diff:+.2f} points** ({fmt_acc(d)} % vs {fmt_acc(rs)} %).")
+    fn = res.get("full_noisy")
+    if d and fn and fn.get("mean") is not None:
+        out.append(f"Training on all {fn.get('n_images', '?')} noisy images gives {fmt_acc(fn)} % "
+                   f"({d['mean'] - fn['mean']:+.2f} points for the distilled set).")
+    out.append("")
+    out.append(f"Preset `{cfg.get('preset')}`, seed {cfg.get('seed')}, device `{m.get('environment', {}).get('device')}`, "
+               f"total wall time {_secs(m.get('total_seconds'))} s.")
+    out.append("")
+
+    # results
+    out.append("## Test accuracy (%)")
+    out.append("")
+    rows = []
+    for key in ("distilled", "random_subset", "full_noisy", "noisy_learner", "full_clean"):
+        r = res.get(key)
+        if not r:
+            continue
+        title = BASELINE_TITLES.get(key, key)
+        if key == "distilled":
+            title = f"**{method} distilled set**"
+        what = r.get("description", "")
+        rows.append([title, r.get("n_images", "—"), what, f"{fmt_acc(r)}",
+                     ", ".join(f"{a:.1f}" for a in r.get("accs", [])), _secs(r.get("seconds"))])
+    out.append(_table(["training data", "images", "how", "accuracy (mean ± std)", "per run", "seconds"], rows))
+    out.append("")
+    ev = (res.get("distilled") or {}).get("eval", {})
+    if ev:
+        out.append(f"Distilled set evaluated with the method's protocol: model `{ev.get('model')}`, loss "
+                   f"`{ev.get('loss_resolved', ev.get('loss'))}`, {ev.get('optimizer')} lr {ev.get('lr'):.4g}, "
+                   f"{ev.get('epochs')} epochs, DSA {'on' if ev.get('dsa') else 'off'}, {ev.get('num_runs')} runs. "
+                   "The test images go through the same input transform as the synthetic images "
+                   f"(`{ev.get('transform', 'none')}`).")
+        out.append("")
+
+    # noise
+    out.append("## Label noise")
+    out.append("")
+    out.append(f"- spec `{noise.get('spec')}` (seed {noise.get('seed')}): realised rate "
+               f"**{100 * noise.get('realised_rate', 0):.2f} %** ({noise.get('n_flipped')} of {noise.get('n')} labels "
+               f"changed)")
+    ts = noise.get("transition_summary") or {}
+    if ts:
+        out.append(f"- realised transition matrix T[clean, noisy]: diagonal mean {ts.get('diag_mean', 0):.3f} "
+                   f"(min {ts.get('diag_min', 0):.3f}, class {ts.get('diag_min_class')}); largest off-diagonal "
+                   f"{ts.get('offdiag_max', 0):.3f} ({ts.get('offdiag_max_pair')})")
+        if ts.get("target_max_abs_diff") is not None:
+            out.append(f"- max |realised - intended| entry: {ts['target_max_abs_diff']:.3f}")
+    T = noise.get("transition")
+    classes = ds.get("classes") or []
+    if T and len(T) <= 10:
+        names = [str(c) for c in (classes if len(classes) == len(T) else range(len(T)))]
+        out.append("")
+        out.append("<details><summary>realised transition matrix (rows: clean class, columns: given label)</summary>")
+        out.append("")
+        out.append(_table(["clean \\ noisy"] + [n[:8] for n in names],
+                          [[names[i][:12]] + [f"{v:.2f}" for v in row] for i, row in enumerate(T)]))
+        out.append("")
+        out.append("</details>")
+    out.append("")
+
+    # TAD
+    tad = m.get("tad", {})
+    if tad.get("enabled"):
+        out.append("## TAD (trust-aware diversion) per round")
+        out.append("")
+        rounds = tad.get("rounds", [])
+        if rounds:
+            keys = _tad_columns(rounds)
+            out.append(_table(["round"] + [k for k in keys],
+                              [[r.get("round", i)] + [_fmt_cell(r.get(k)) for k in keys]
+                               for i, r in enumerate(rounds)]))
+            out.append("")
+            out.append("Precision/recall: of the trusted set as a detector of clean labels (ground truth known for "
+                       "synthetic noise); pseudo-label accuracy: of the labels TAD gave to recalled samples.")
+        else:
+            out.append("(no rounds recorded)")
+        if tad.get("summary"):
+            out.append("")
+            out.append("Summary: " + ", ".join(f"{k} = {_fmt_cell(v)}" for k, v in tad["summary"].items()))
+        out.append("")
+
+    # stages
+    out.append("## Time and peak memory per stage")
+    out.append("")
+    st = m.get("stages", {})
+    srows = []
+    for name, s in st.items():
+        srows.append([name, _secs(s.get("seconds")), _mib(s.get("peak_memory_bytes")),
+                      "cached" if s.get("cached") else ("resumed" if s.get("resumed") else "")])
+    out.append(_table(["stage", "seconds", "peak memory (MiB)", "note"], srows))
+    out.append("")
+    out.append("Peak memory: CUDA allocator peak on a GPU, otherwise the process's peak resident set size so far "
+               "(monotone over the stages).")
+    out.append("")
+
+    # plots
+    files = m.get("files", {})
+    if files.get("grid") or files.get("plots"):
+        out.append("## Pictures")
+        out.append("")
+        if files.get("grid"):
+            out.append(f"![synthetic images, one row per class]({files['grid']})")
+            out.append("")
+        for name, p in (files.get("plots") or {}).items():
+            out.append(f"![{name}]({p})")
+            out.append("")
+
+    # reproduce
+    out.append("## Reproduce")
+    out.append("")
+    cmd = m.get("command")
+    if cmd:
+        out.append("```")
+        out.append(cmd)
+        out.append("```")
+        out.append("")
+    out.append(f"Re-evaluate the saved set: `ddfast evaluate {shlex.quote(files.get('out_dir', '.'))}` "
+               "(add `--model resnet18` for a cross-architecture check).")
+    out.append("")
+    env = m.get("environment", {})
+    ext = env.get("extension", {})
+    out.append(f"ddfast {env.get('ddfast')}, torch {env.get('torch')}, Python {env.get('python')}, "
+               f"{env.get('platform')}; extension: "
+               + (f"loaded (CUDA kernels: {ext.get('cuda_kernels')}, archs `{ext.get('cuda_arch_list') or '-'}`)"
+                  if ext.get("extension") else f"not loaded ({ext.get('reason')})")
+               + f"; {env.get('num_threads')} CPU threads; world size {env.get('world_size', 1)}.")
+    out.append("")
+    return "\n".join(out)
+
+
+_TAD_PREFERRED = ("n_trusted", "trusted_fraction", "precision", "recall", "n_recalled", "pseudo_label_accuracy",
+                  "label_accuracy_after", "cleanlab_precision", "cleanlab_recall", "scorer_accuracy",
+                  "start_iteration", "end_iteration", "seconds")
+
+
+def _tad_columns(rounds: Sequence[Dict[str, Any]]) -> List[str]:
+    present = []
+    for r in rounds:
+        for k, v in r.items():
+            if k == "round" or k in present:
+                continue
+            if isinstance(v, (int, float, str, bool)) or v is None or (isinstance(v, dict) and "total" in v):
+                present.append(k)
+    ordered = [k for k in _TAD_PREFERRED if k in present] + [k for k in present if k not in _TAD_PREFERRED]
+    return ordered[:12]
+
+
+def _fmt_cell(v: Any) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, dict) and isinstance(v.get("total"), (int, float)):
+        return _fmt_cell(float(v["total"]))
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
+    return str(v)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sweep table
+# ----------------------------------------------------------------------------------------------------------
+def sweep_table(cells: Sequence[Dict[str, Any]], md_path: Optional[str] = None,
+                csv_path: Optional[str] = None) -> Tuple[str, List[List[str]]]:
+    """The papers' table shape from finished sweep cells.
+
+    Each cell: ``{"method", "tad", "noise", "ipc", "seed", "metrics": metrics dict}``. Rows: one per
+    ``method (+ TAD)`` and one per baseline (full noisy, random subset, noisy-label learner, clean oracle --
+    those present); columns: ``noise @ IPC k``. Entries: mean ± std over seeds' means when there are several
+    seeds, else the run's mean ± std over evaluation runs.
+
+    Returns ``(markdown, csv_rows)`` and writes the files when paths are given.
+    """
+    cols: List[Tuple[str, int]] = []
+    for c in cells:
+        key = (str(c["noise"]), int(c["ipc"]))
+        if key not in cols:
+            cols.append(key)
+    vals: Dict[Tuple[str, Tuple[str, int]], List[Dict[str, Any]]] = {}
+    row_order: List[str] = []
+
+    def add(row: str, col, r):
+        if r is None or r.get("mean") is None:
+            return
+        if row not in row_order:
+            row_order.append(row)
+        vals.setdefault((row, col), []).append(r)
+
+    base_rows: List[str] = []
+    seen_base = set()
+    for c in cells:
+        col = (str(c["noise"]), int(c["ipc"]))
+        res = (c.get("metrics") or {}).get("results", {})
+        name = str(c["method"]).upper() + (" + TAD" if c.get("tad") else "")
+        add(name, col, res.get("distilled"))
+        for b in ("random_subset", "full_noisy", "noisy_learner", "full_clean"):
+            r = res.get(b)
+            if r is None:
+                continue
+            title = BASELINE_TITLES[b]
+            if b == "random_subset":  # evaluated with the method's protocol: one row per method
+                title = f"random real subset, {str(c['method']).upper()} protocol"
+            # a baseline does not depend on TAD (nor, except the random subset, on the method):
+            # one entry per (row, noise, ipc, seed)
+            k = (title, col, c.get("seed"))
+            if k in seen_base:
+                continue
+            seen_base.add(k)
+            if title not in base_rows:
+                base_rows.append(title)
+            add(title, col, r)
+    method_rows = [r for r in row_order if r not in base_rows]
+    ordered_rows = method_rows + [r for r in base_rows if r in row_order]
+
+    def cell(rs: Optional[List[Dict[str, Any]]]) -> Tuple[str, Optional[float], Optional[float], int]:
+        if not rs:
+            return "—", None, None, 0
+        if len(rs) == 1:
+            return fmt_acc(rs[0]), rs[0]["mean"], rs[0].get("std", 0.0), 1
+        t = torch.tensor([r["mean"] for r in rs], dtype=torch.float64)
+        mean, std = float(t.mean()), float(t.std(unbiased=False))
+        return f"{mean:.2f} ± {std:.2f} ({len(rs)} seeds)", mean, std, len(rs)
+
+    header = ["training data"] + [f"{n} @ IPC {k}" for n, k in cols]
+    md_rows = []
+    csv_rows: List[List[str]] = [["row", "noise", "ipc", "mean", "std", "n"]]
+    for row in ordered_rows:
+        md = [row]
+        for col in cols:
+            txt, mean, std, n = cell(vals.get((row, col)))
+            # bold the best distilled entry per column
+            md.append(txt)
+            if mean is not None:
+                csv_rows.append([row, col[0], str(col[1]), f"{mean:.4f}", f"{std:.4f}", str(n)])
+        md_rows.append(md)
+    # bold the best method row per column
+    for j, col in enumerate(cols, start=1):
+        best, best_i = None, None
+        for i, row in enumerate(ordered_rows):
+            if row in base_rows:
+                continue
+            rs = vals.get((row, col))
+            if rs:
+                m = sum(r["mean"] for r in rs) / len(rs)
+                if best is None or m > best:
+                    best, best_i = m, i
+        if best_i is not None:
+            md_rows[best_i][j] = f"**{md_rows[best_i][j]}**"
+    md = _table(header, md_rows) + "\n"
+    if md_path:
+        atomic_write_text(md, md_path)
+    if csv_path:
+        buf = _io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerows(csv_rows)
+        atomic_write_text(buf.getvalue(), csv_path)
+    return md, csv_rows

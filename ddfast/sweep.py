@@ -1,0 +1,204 @@
+"""``ddfast sweep CONFIG.yaml``: a grid of ``ddfast run`` cells and one results table.
+
+The YAML file (see ``examples/sweep_fmnist.yaml``)::
+
+    dataset: fashion-mnist          # one dataset per sweep
+    methods: [datm, dance, rcig]
+    noise: [sym:0.4, asym:0.4]
+    ipc: [10]
+    tad: [false, true]
+    seeds: [0]
+    preset: quick
+    out: runs/sweep_fmnist          # cells go to OUT/<method>[-tad]/<noise>/ipc<K>/seed<S>
+    device: auto                    # optional
+    eval_runs: null                 # optional: evaluation runs (default: each method's protocol)
+    baselines: [full_noisy, random_subset, noisy_learner]
+    overrides:                      # optional, for every cell (sections as in `ddfast run --override`)
+      baseline: {epochs: 4}
+    method_overrides:               # optional, per method
+      datm: {distill: {iterations: 200}}
+
+Each cell is run exactly as ``ddfast run`` would run it (:func:`ddfast.pipeline.run`), in its own directory:
+a finished cell (``report.md`` written) is skipped, an interrupted one resumes. The expert/pool and baseline
+caches are shared by the cells (with and without TAD on the same noise reuse the same full-data baselines).
+At the end ``OUT/results.md`` and ``OUT/results.csv`` hold the table in the papers' shape (rows: method +/-
+TAD and the baselines; columns: noise spec @ IPC) and ``OUT/sweep.json`` every cell's state and numbers.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import time
+import traceback
+from typing import Any, Dict, List, Optional
+
+from .io import atomic_write_json, load_json
+
+__all__ = ["load_sweep", "expand_cells", "run_sweep", "SWEEP_KEYS"]
+
+SWEEP_KEYS = ("dataset", "methods", "noise", "ipc", "tad", "seeds", "preset", "out", "device", "eval_runs",
+              "baselines", "overrides", "method_overrides", "cache_dir", "data_root", "quiet", "noise_seed")
+
+
+def _as_list(v) -> List[Any]:
+    if v is None:
+        return []
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def load_sweep(path: str) -> Dict[str, Any]:
+    """Reads and checks a sweep YAML file; relative ``out`` paths are taken from the current directory.
+
+    Raises:
+        pipeline.UsageError: missing file, invalid YAML, unknown keys, empty axes.
+    """
+    import yaml
+
+    from .pipeline import UsageError
+
+    if not os.path.isfile(path):
+        raise UsageError(f"{path}: no such sweep file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            spec = yaml.safe_load(f) or {}
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{path}: invalid YAML ({' '.join(str(exc).split())})") from None
+    if not isinstance(spec, dict):
+        raise UsageError(f"{path}: expected a mapping at the top level")
+    unknown = sorted(set(spec) - set(SWEEP_KEYS))
+    if unknown:
+        raise UsageError(f"{path}: unknown key(s) {unknown}; known: {list(SWEEP_KEYS)}")
+    spec.setdefault("dataset", "fashion-mnist")
+    spec.setdefault("methods", ["datm"])
+    spec.setdefault("noise", ["sym:0.4"])
+    spec.setdefault("ipc", [10])
+    spec.setdefault("tad", [False, True])
+    spec.setdefault("seeds", [0])
+    spec.setdefault("preset", "quick")
+    spec.setdefault("out", os.path.join("runs", "sweep"))
+    for k in ("methods", "noise", "ipc", "tad", "seeds"):
+        spec[k] = _as_list(spec[k])
+        if not spec[k]:
+            raise UsageError(f"{path}: '{k}' is empty")
+    spec["_path"] = os.path.abspath(path)
+    return spec
+
+
+def _cell_name(method: str, tad: bool, noise: str, ipc: int, seed: int) -> str:
+    return f"{method}{'-tad' if tad else ''}/{noise.replace(':', '')}/ipc{ipc}/seed{seed}"
+
+
+def expand_cells(spec: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The grid as a list of cells: ``{"name", "out", "config": RunConfig}`` in the order methods x TAD x
+    noise x IPC x seeds (a method's cells together: they share its expert/pool caches)."""
+    from .pipeline import DEFAULT_BASELINES, RunConfig, UsageError
+
+    cells = []
+    base_ov = spec.get("overrides") or {}
+    per_method = spec.get("method_overrides") or {}
+    baselines = spec.get("baselines")
+    baselines = DEFAULT_BASELINES if baselines is None else tuple(_as_list(baselines))
+    if baselines == ("none",):
+        baselines = ()
+    for method, tad, noise, ipc, seed in itertools.product(spec["methods"], spec["tad"], spec["noise"], spec["ipc"],
+                                                           spec["seeds"]):
+        if not isinstance(tad, bool):
+            raise UsageError(f"sweep: 'tad' entries must be true/false, got {tad!r}")
+        ov: Dict[str, Dict[str, Any]] = {k: dict(v) for k, v in base_ov.items()}
+        for sec, kv in (per_method.get(str(method)) or {}).items():
+            ov.setdefault(sec, {}).update(kv)
+        name = _cell_name(str(method), tad, str(noise), int(ipc), int(seed))
+        out = os.path.join(spec["out"], name)
+        cfg = RunConfig(dataset=str(spec["dataset"]), noise=str(noise), method=str(method).lower(), tad=tad,
+                        ipc=int(ipc), preset=str(spec["preset"]), seed=int(seed),
+                        noise_seed=spec.get("noise_seed"), out=out,
+                        device=str(spec.get("device") or "auto"), eval_runs=spec.get("eval_runs"),
+                        baselines=tuple(baselines), data_root=spec.get("data_root"),
+                        cache_dir=spec.get("cache_dir"), overrides=ov, quiet=bool(spec.get("quiet", False)))
+        cells.append({"name": name, "out": out, "config": cfg, "method": str(method).lower(), "tad": tad,
+                      "noise": str(noise), "ipc": int(ipc), "seed": int(seed)})
+    return cells
+
+
+def _state(out: str) -> str:
+    if os.path.exists(os.path.join(out, "report.md")) and os.path.exists(os.path.join(out, "metrics.json")):
+        return "done"
+    if os.path.exists(os.path.join(out, "run.json")):
+        return "partial"
+    return "todo"
+
+
+def run_sweep(spec: Dict[str, Any], only: Optional[str] = None, dry_run: bool = False,
+              keep_going: bool = False) -> Dict[str, Any]:
+    """Runs the cells of ``spec`` (from :func:`load_sweep`) that are not finished, then writes the table.
+
+    Returns ``{"cells": [...], "n_cells", "n_done", "n_failed", "table_markdown", "table_md", "table_csv"}``.
+    Raises the first cell's error unless ``keep_going`` (then the cell is recorded as failed).
+    """
+    from . import distributed as dd
+    from .pipeline import run
+    from .report import sweep_table
+
+    cells = expand_cells(spec)
+    if only:
+        cells = [c for c in cells if only in c["name"]]
+    out_root = spec["out"]
+    summary_cells = []
+    failed = 0
+    for i, c in enumerate(cells):
+        state = _state(c["out"])
+        entry = {k: c[k] for k in ("name", "out", "method", "tad", "noise", "ipc", "seed")}
+        entry["state"] = state
+        if dry_run:
+            summary_cells.append(entry)
+            continue
+        if state == "done":
+            if not spec.get("quiet") and dd.is_main():
+                print(f"[{i + 1}/{len(cells)}] {c['name']}: done earlier, skipped", flush=True)
+        else:
+            if not spec.get("quiet") and dd.is_main():
+                print(f"[{i + 1}/{len(cells)}] {c['name']}: {'resuming' if state == 'partial' else 'running'}",
+                      flush=True)
+            t0 = time.perf_counter()
+            try:
+                run(c["config"])
+                entry["state"] = "done"
+                entry["seconds_this_session"] = time.perf_counter() - t0
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                if not keep_going:
+                    raise
+                failed += 1
+                entry["state"] = "failed"
+                entry["error"] = f"{type(exc).__name__}: {exc}"
+                entry["traceback"] = traceback.format_exc(limit=5)
+        summary_cells.append(entry)
+    if dry_run:
+        return {"cells": summary_cells, "n_cells": len(cells), "n_done": sum(c["state"] == "done" for c in summary_cells),
+                "n_failed": 0}
+    table_cells = []
+    for e in summary_cells:
+        mp = os.path.join(e["out"], "metrics.json")
+        if e["state"] == "done" and os.path.exists(mp):
+            m = load_json(mp)
+            table_cells.append({**e, "metrics": m})
+            e["results"] = {k: {"mean": v.get("mean"), "std": v.get("std")} for k, v in m.get("results", {}).items()}
+            e["total_seconds"] = m.get("total_seconds")
+    md_path = os.path.join(out_root, "results.md")
+    csv_path = os.path.join(out_root, "results.csv")
+    md = ""
+    if dd.is_main():
+        md, _ = sweep_table(table_cells, md_path=None, csv_path=csv_path)
+        header = (f"Sweep `{os.path.basename(spec.get('_path', 'sweep'))}` on {spec['dataset']}, preset "
+                  f"{spec['preset']}: test accuracy (%) of a ConvNet trained on each set, mean ± std over the "
+                  "evaluation runs (over seeds when several). Baselines do not depend on the method; the random "
+                  "subset uses each method's evaluation protocol.\n\n")
+        from .io import atomic_write_text
+
+        atomic_write_text(header + md, md_path)
+        atomic_write_json({"spec": {k: v for k, v in spec.items() if not k.startswith("_")},
+                           "cells": summary_cells}, os.path.join(out_root, "sweep.json"))
+    return {"cells": summary_cells, "n_cells": len(cells),
+            "n_done": sum(c["state"] == "done" for c in summary_cells), "n_failed": failed,
+            "table_markdown": md, "table_md": md_path, "table_csv": csv_path}

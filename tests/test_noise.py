@@ -1,0 +1,185 @@
+"""Tests of ddfast.noise: realised rates and transition matrices against binomial tolerances, pair flips
+only along the mapping, reproducibility, errors."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ddfast.noise import (ASYM_MAPPINGS, CIFAR100_SUPERCLASSES, NoiseSpec, corrupt_labels, get_mapping,
+                          parse_noise_spec, symmetric_transition, transition_matrix)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # small tensors: one thread is as fast and does not collapse when the 2 cores are shared
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _labels(n, c, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, c, (n,), generator=g)
+
+
+def _within_binomial(p_hat, p, n, z=5.0):
+    return abs(p_hat - p) <= z * math.sqrt(max(p * (1 - p), 1e-12) / n) + 1e-12
+
+
+def test_parse_specs_and_errors():
+    assert parse_noise_spec("sym:0.4") == NoiseSpec("sym", 0.4)
+    assert parse_noise_spec(" ASYM:0.2 ") == NoiseSpec("asym", 0.2)
+    assert parse_noise_spec("none") == NoiseSpec("none")
+    assert parse_noise_spec("human:worse_label") == NoiseSpec("human", 0.0, "worse_label")
+    assert str(parse_noise_spec("idn:0.30")) == "idn:0.3"
+    for bad, msg in (("sym:1.0", r"\[0, 1\)"), ("sym:-0.1", r"\[0, 1\)"), ("flip:0.2", "unknown noise kind"),
+                     ("sym:abc", "not a number"), ("sym", "expected"), ("human:", "expected"), ("sym:nan", r"\[0, 1\)")):
+        with pytest.raises(ValueError, match=msg):
+            parse_noise_spec(bad)
+
+
+@pytest.mark.parametrize("rate", [0.2, 0.4, 0.8])
+def test_symmetric_rate_and_transition(rate):
+    C, N = 10, 60000
+    y = _labels(N, C)
+    nl = corrupt_labels(y, f"sym:{rate}", C, seed=1)
+    assert _within_binomial(nl.rate, rate, N)
+    assert torch.equal(nl.clean_mask, nl.labels == y)
+    assert torch.equal(nl.clean_labels, y)
+    counts = torch.bincount(y, minlength=C)
+    T = nl.transition
+    for i in range(C):
+        n_i = int(counts[i])
+        assert _within_binomial(float(T[i, i]), 1 - rate, n_i)
+        for j in range(C):
+            if j != i:
+                assert _within_binomial(float(T[i, j]), rate / (C - 1), n_i)
+    torch.testing.assert_close(nl.target_transition, symmetric_transition(C, rate))
+    # chi-square goodness of fit of the off-diagonal flips (uniform over the other classes)
+    from scipy.stats import chisquare
+
+    flips = (~nl.clean_mask)
+    off = ((nl.labels[flips] - y[flips]) % C).numpy()
+    assert chisquare(np.bincount(off, minlength=C)[1:]).pvalue > 1e-4
+
+
+def test_transition_matrix_matches_sklearn_confusion():
+    from sklearn.metrics import confusion_matrix
+
+    y = _labels(5000, 7, seed=3)
+    nl = corrupt_labels(y, "sym:0.5", 7, seed=0)
+    ref = confusion_matrix(y.numpy(), nl.labels.numpy(), labels=range(7), normalize="true")
+    np.testing.assert_allclose(nl.transition.numpy(), ref)
+    # absent classes -> zero rows
+    T = transition_matrix(torch.tensor([0, 0, 1]), torch.tensor([0, 1, 1]), 3)
+    assert torch.equal(T[2], torch.zeros(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name,C", [("fashion-mnist", 10), ("cifar10", 10), ("cifar100", 100), ("mnist", 10),
+                                    ("cifar100-superclass", 100)])
+def test_asymmetric_flips_only_along_mapping(name, C):
+    rate = 0.4
+    N = 40000 if C == 10 else 100000
+    y = _labels(N, C, seed=5)
+    nl = corrupt_labels(y, f"asym:{rate}", C, seed=2, mapping=name)
+    mp = ASYM_MAPPINGS[name]
+    changed = ~nl.clean_mask
+    dst = torch.tensor([mp.get(c, c) for c in range(C)])
+    assert torch.equal(nl.labels[changed], dst[y[changed]])  # every flip follows the mapping
+    untouched = torch.tensor([c not in mp for c in range(C)])
+    assert nl.clean_mask[untouched[y]].all()  # classes outside the mapping never change
+    src = torch.tensor([c in mp for c in range(C)])[y]
+    assert _within_binomial(float(changed[src].double().mean()), rate, int(src.sum()))
+    for s in mp:
+        n_s = int((y == s).sum())
+        assert _within_binomial(float(nl.transition[s, mp[s]]), rate, n_s)
+    expected_overall = rate * float(src.double().mean())
+    assert _within_binomial(nl.rate, expected_overall, N)
+
+
+def test_named_mappings_are_what_the_protocol_says():
+    assert ASYM_MAPPINGS["cifar10"] == {9: 1, 2: 0, 3: 5, 5: 3, 4: 7}
+    fm = ASYM_MAPPINGS["fashion-mnist"]
+    assert fm == {0: 6, 6: 0, 2: 4, 4: 2, 5: 7, 7: 5}  # T-shirt<->Shirt, Pullover<->Coat, Sandal<->Sneaker
+    c100 = ASYM_MAPPINGS["cifar100"]
+    assert len(c100) == 100 and all(c100[c] // 5 == c // 5 for c in range(100))
+    assert c100[4] == 0 and c100[0] == 1  # cyclic within the block
+    sup = ASYM_MAPPINGS["cifar100-superclass"]
+    assert len(CIFAR100_SUPERCLASSES) == 100 and np.bincount(CIFAR100_SUPERCLASSES).tolist() == [5] * 20
+    assert all(CIFAR100_SUPERCLASSES[c] == CIFAR100_SUPERCLASSES[sup[c]] for c in range(100))
+    # one 5-cycle per superclass: following the mapping 5 times returns to the start
+    for c in range(100):
+        d = c
+        for _ in range(5):
+            d = sup[d]
+        assert d == c and sup[c] != c
+    # known facts: fine 0 'apple' and 83 'sweet_pepper' are fruit_and_vegetables (coarse 4); 'baby' (2) is people (14)
+    assert CIFAR100_SUPERCLASSES[0] == 4 and CIFAR100_SUPERCLASSES[83] == 4 and CIFAR100_SUPERCLASSES[2] == 14
+
+
+def test_user_mapping_and_mapping_errors():
+    y = _labels(2000, 4)
+    nl = corrupt_labels(y, "asym:0.5", 4, mapping={1: 3})
+    assert set(torch.unique(nl.labels[~nl.clean_mask]).tolist()) == {3}
+    nl2 = corrupt_labels(y, "asym:0.5", 4, mapping=[(1, 3)])
+    assert torch.equal(nl.labels, nl2.labels)
+    with pytest.raises(ValueError, match="unknown class"):
+        corrupt_labels(y, "asym:0.2", 4, mapping={1: 7})
+    with pytest.raises(ValueError, match="itself"):
+        get_mapping({2: 2}, 4)
+    with pytest.raises(ValueError, match="needs mapping"):
+        corrupt_labels(y, "asym:0.2", 4)
+    with pytest.raises(ValueError, match="unknown name"):
+        get_mapping("imagenet", 10)
+    assert get_mapping(None, 100) == ASYM_MAPPINGS["cifar100"]
+
+
+def test_seeds_reproduce_and_differ():
+    y = _labels(5000, 10)
+    imgs = torch.rand(5000, 1, 4, 4)
+    for spec in ("sym:0.3", "asym:0.3", "idn:0.3"):
+        a = corrupt_labels(y, spec, 10, seed=7, images=imgs, mapping="cifar10")
+        b = corrupt_labels(y, spec, 10, seed=7, images=imgs, mapping="cifar10")
+        c = corrupt_labels(y, spec, 10, seed=8, images=imgs, mapping="cifar10")
+        assert torch.equal(a.labels, b.labels) and not torch.equal(a.labels, c.labels)
+    g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    assert torch.equal(corrupt_labels(y, "sym:0.3", 10, seed=g1).labels, corrupt_labels(y, "sym:0.3", 10, seed=g2).labels)
+
+
+def test_instance_dependent_noise():
+    N, C = 20000, 10
+    y = _labels(N, C, seed=11)
+    imgs = torch.rand(N, 1, 6, 6)
+    nl = corrupt_labels(y, "idn:0.4", C, seed=0, images=imgs)
+    # E[q] of N(0.4, 0.1) truncated to [0, 1] is 0.4 (symmetric truncation far away): realised rate ~ 0.4
+    assert abs(nl.rate - 0.4) < 0.02
+    assert nl.target_transition is None
+    # depends on the images: other images, same seed -> other labels
+    other = corrupt_labels(y, "idn:0.4", C, seed=0, images=torch.rand(N, 1, 6, 6))
+    assert not torch.equal(nl.labels, other.labels)
+    # instance dependence: flips of a class concentrate on few targets (softmax of a random projection)
+    row = nl.transition[0].clone()
+    row[0] = 0
+    assert float(row.max()) > 1.5 * float(row.sum()) / (C - 1)
+    with pytest.raises(ValueError, match="images"):
+        corrupt_labels(y, "idn:0.4", C)
+    with pytest.raises(ValueError, match="first dimension"):
+        corrupt_labels(y, "idn:0.4", C, images=torch.rand(5, 2))
+
+
+def test_none_zero_rate_and_label_errors():
+    y = _labels(100, 5)
+    for spec in ("none", "sym:0", "asym:0.0"):
+        nl = corrupt_labels(y, spec, 5, mapping={0: 1})
+        assert torch.equal(nl.labels, y) and nl.rate == 0.0 and nl.clean_mask.all()
+    assert corrupt_labels([0, 1, 2], "sym:0.5", 3).labels.dtype == torch.int64
+    with pytest.raises(ValueError, match="lie in"):
+        corrupt_labels(torch.tensor([0, 5]), "sym:0.1", 5)
+    with pytest.raises(ValueError, match="integers"):
+        corrupt_labels(torch.tensor([0.0, 1.0]), "sym:0.1", 5)
+    with pytest.raises(ValueError, match="num_classes"):
+        corrupt_labels(torch.tensor([0, 1]), "sym:0.1", 1)
+    with pytest.raises(ValueError, match="entries"):
+        corrupt_labels(y, "human:worse", 5, human_labels=torch.zeros(3, dtype=torch.long))

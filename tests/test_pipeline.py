@@ -1,0 +1,306 @@
+"""ddfast.pipeline / report / sweep as an API, with the cheap ``fake`` distiller (tests/_ddfast_fake.py) on
+scikit-learn's digits: outputs, metrics schema, exact resume after an interrupt, config checks, caches, sweeps."""
+import json
+import os
+
+import pytest
+import torch
+
+import _ddfast_fake
+from ddfast import pipeline, sweep
+from ddfast.distill.base import SyntheticSet
+from ddfast.pipeline import RunConfig, RunConfigMismatch, UsageError
+
+_ddfast_fake.register()
+
+TINY = {"distill": {"iterations": 2}}  # for tests that are not about distillation
+
+
+def _cfg(out, **kw):
+    base = dict(dataset="digits", noise="sym:0.4", method="fake", tad=False, ipc=3, preset="quick", seed=0,
+                out=str(out), device="cpu", baselines=("random_subset",), quiet=True, overrides={})
+    base.update(kw)
+    return RunConfig(**base)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DDFAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("DDFAST_FAKE_FAIL_AT", raising=False)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finished")
+    os.environ["DDFAST_CACHE"] = str(root / "cache")
+    try:
+        m = pipeline.run(_cfg(root / "run"))
+    finally:
+        del os.environ["DDFAST_CACHE"]
+    return root / "run", m
+
+
+def test_run_writes_every_output(finished):
+    out, m = finished
+    for f in ("run.json", "synset.safetensors", "synset.json", "synset_grid.png", "metrics.json", "report.md",
+              "plots/loss.png"):
+        assert (out / f).exists(), f
+    syn = SyntheticSet.load(str(out))
+    assert syn.images.shape == (30, 1, 8, 8) and syn.method == "fake"
+    assert torch.bincount(syn.hard_labels(), minlength=10).tolist() == [3] * 10
+    assert syn.metadata["ddfast_run"]["noise"] == "sym:0.4"
+    png = open(out / "synset_grid.png", "rb").read(8)
+    assert png == b"\x89PNG\r\n\x1a\n"
+
+
+def test_metrics_schema(finished):
+    out, m = finished
+    disk = json.load(open(out / "metrics.json"))
+    assert disk["schema"] == "ddfast.metrics/1" and disk["complete"] is True
+    for key in ("distilled", "random_subset"):
+        r = disk["results"][key]
+        assert set(r) >= {"mean", "std", "accs", "seconds", "n_images"}
+        assert 0.0 <= r["mean"] <= 100.0 and len(r["accs"]) == 2
+        t = torch.tensor(r["accs"], dtype=torch.float64)
+        assert r["mean"] == pytest.approx(float(t.mean()))
+        assert r["std"] == pytest.approx(float(t.std(unbiased=False)))
+    n = disk["noise"]
+    assert n["spec"] == "sym:0.4" and n["target_rate"] == 0.4 and n["seed"] == 0
+    assert 0.3 < n["realised_rate"] < 0.5
+    assert n["n_flipped"] == round(n["realised_rate"] * n["n"])
+    T = torch.tensor(n["transition"])
+    assert T.shape == (10, 10) and torch.allclose(T.sum(1), torch.ones(10), atol=1e-4)
+    assert disk["tad"] == {"enabled": False, "rounds": []}
+    for stage in ("data", "noise", "distill", "evaluate", "baseline:random_subset", "report"):
+        assert disk["stages"][stage]["seconds"] >= 0 and disk["stages"][stage]["peak_memory_bytes"] > 0
+    env = disk["environment"]
+    assert env["torch"] == torch.__version__ and "extension" in env and env["device"] == "cpu"
+    assert disk["config"]["method"] == "fake" and disk["distill"]["config"]["ipc"] == 3
+    assert disk["distill"]["iterations"] == 8
+    assert disk["command"].startswith("ddfast run --dataset digits")
+
+
+def test_report_sections(finished):
+    out, m = finished
+    text = open(out / "report.md").read()
+    for s in ("## Test accuracy", "## Label noise", "## Time and peak memory per stage", "## Reproduce",
+              "realised rate", "synset_grid.png", "plots/loss.png", m["command"]):
+        assert s in text, s
+    assert f"{m['results']['distilled']['mean']:.2f}" in text
+
+
+def test_finished_run_is_not_recomputed(finished, monkeypatch):
+    out, m = finished
+    monkeypatch.setattr(pipeline, "_distill", lambda *a, **k: pytest.fail("distilled again"))
+    monkeypatch.setattr(pipeline, "_evaluate", lambda *a, **k: pytest.fail("evaluated again"))
+    again = pipeline.run(_cfg(out))
+    assert again["results"] == m["results"]
+
+
+def test_other_config_is_refused(finished):
+    out, _ = finished
+    with pytest.raises(RunConfigMismatch, match=r"noise: 'sym:0.4' -> 'sym:0.2'"):
+        pipeline.run(_cfg(out, noise="sym:0.2"))
+    with pytest.raises(RunConfigMismatch, match="ipc"):
+        pipeline.run(_cfg(out, ipc=2))
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch, finished):
+    ref_dir, ref = finished
+    out = tmp_path / "run"
+    monkeypatch.setenv("DDFAST_FAKE_FAIL_AT", "5")   # checkpoints every 3 iterations: resumes from 3
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(_cfg(out))
+    assert (out / "checkpoints" / "checkpoint.pt").exists()
+    assert not (out / "metrics.json").exists() and not (out / "report.md").exists()
+    assert not (out / SyntheticSet.FILE_META).exists()
+    monkeypatch.delenv("DDFAST_FAKE_FAIL_AT")
+    m = pipeline.run(_cfg(out))
+    assert m["resumed"] is True
+    a, b = SyntheticSet.load(str(ref_dir)), SyntheticSet.load(str(out))
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert m["results"]["distilled"]["accs"] == ref["results"]["distilled"]["accs"]
+    assert m["results"]["random_subset"]["accs"] == ref["results"]["random_subset"]["accs"]
+
+
+def test_interrupt_after_distillation_keeps_finished_stages(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    cfg = _cfg(out, overrides=TINY)
+    calls = {"n": 0}
+    real = pipeline._run_baseline
+
+    def boom(*a, **k):
+        calls["n"] += 1
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_run_baseline", boom)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(cfg)
+    assert (out / SyntheticSet.FILE_META).exists() and (out / "stages" / "evaluate.json").exists()
+    assert not (out / "metrics.json").exists()
+    monkeypatch.setattr(pipeline, "_run_baseline", real)
+    monkeypatch.setattr(pipeline, "_distill", lambda *a, **k: pytest.fail("distilled again"))
+    m = pipeline.run(cfg)
+    assert m["stages"]["distill"]["resumed"] and m["stages"]["evaluate"]["resumed"]
+    assert "random_subset" in m["results"]
+
+
+def test_baseline_results_are_cached_across_runs(tmp_path, monkeypatch):
+    m1 = pipeline.run(_cfg(tmp_path / "a", overrides=TINY))
+    monkeypatch.setattr(pipeline, "_run_baseline", lambda *a, **k: pytest.fail("baseline recomputed"))
+    m2 = pipeline.run(_cfg(tmp_path / "b", overrides={"distill": {"iterations": 1}}))
+    assert m2["stages"]["baseline:random_subset"]["cached"] is True
+    assert m2["results"]["random_subset"] == m1["results"]["random_subset"]
+
+
+def test_bad_arguments_raise_usage_errors(tmp_path):
+    cases = [
+        (dict(dataset="no-such-set"), "unknown dataset"),
+        (dict(noise="sym:1.5"), "rate"),
+        (dict(noise="sym:-0.1"), "rate"),
+        (dict(noise="file", label_file=str(tmp_path / "missing.npy")), "no such file"),
+        (dict(ipc=500), "larger than"),
+        (dict(method="nope"), "unknown method"),
+        (dict(preset="huge"), "unknown preset"),
+        (dict(baselines=("oracle",)), "unknown baseline"),
+        (dict(overrides={"baseline": {"epoch": 3}}), "unknown baseline option"),
+    ]
+    for kw, msg in cases:
+        out = tmp_path / ("x" + str(abs(hash(msg))))
+        with pytest.raises(UsageError, match=msg):
+            pipeline.run(_cfg(out, **kw))
+        assert not out.exists(), kw   # nothing written for a bad argument
+
+
+def test_label_file_noise(tmp_path):
+    import numpy as np
+    from ddfast.data import load_dataset
+
+    clean = load_dataset("digits", "train").labels
+    noisy = clean.clone()
+    noisy[:100] = (noisy[:100] + 1) % 10
+    np.save(tmp_path / "labels.npy", noisy.numpy())
+    m = pipeline.run(_cfg(tmp_path / "run", noise="file", label_file=str(tmp_path / "labels.npy"),
+                          baselines=(), overrides={"distill": {"iterations": 1}, "eval": {"epochs": 1}}))
+    assert m["noise"]["spec"] == "file:labels.npy"
+    assert m["noise"]["n_flipped"] == 100
+    np.save(tmp_path / "short.npy", noisy[:10].numpy())
+    with pytest.raises(UsageError, match="expected 1437 integer labels"):
+        pipeline.run(_cfg(tmp_path / "run2", noise="file", label_file=str(tmp_path / "short.npy")))
+
+
+def test_evaluate_dir_reproduces_the_run(finished):
+    out, m = finished
+    r = pipeline.evaluate_dir(str(out), device="cpu", quiet=True, write=True)
+    assert r["accs"] == m["results"]["distilled"]["accs"]
+    assert (out / "evaluations" / "convnet-2runs.json").exists()
+    with pytest.raises(UsageError, match="no synthetic set"):
+        pipeline.evaluate_dir(str(out / "plots"), device="cpu")
+
+
+def test_parse_overrides():
+    got = pipeline.parse_overrides(["distill.iterations=20", "eval.epochs=5", "lr_img=0.5", "baseline.width=8",
+                                    "data.train_per_class=[1, 2]"])
+    assert got == {"distill": {"iterations": 20, "lr_img": 0.5}, "eval": {"epochs": 5}, "baseline": {"width": 8},
+                   "data": {"train_per_class": [1, 2]}}
+    with pytest.raises(UsageError):
+        pipeline.parse_overrides(["nokey"])
+    with pytest.raises(UsageError):
+        pipeline.parse_overrides(["bogus.x=1"])
+
+
+def test_sweep_runs_grid_and_skips_finished_cells(tmp_path, monkeypatch):
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text(f"""
+dataset: digits
+methods: [fake]
+noise: ["sym:0.2", "sym:0.4"]
+ipc: [2]
+tad: [false]
+seeds: [0]
+preset: quick
+device: cpu
+quiet: true
+out: {tmp_path / 'sw'}
+baselines: [random_subset]
+overrides:
+  distill: {{iterations: 2}}
+  eval: {{epochs: 2}}
+""")
+    spec = sweep.load_sweep(str(cfg))
+    s1 = sweep.run_sweep(spec)
+    assert s1["n_cells"] == 2 and s1["n_done"] == 2 and s1["n_failed"] == 0
+    md = open(tmp_path / "sw" / "results.md").read()
+    assert "| FAKE |" in md and "sym:0.2 @ IPC 2" in md and "sym:0.4 @ IPC 2" in md
+    assert "random real subset, FAKE protocol" in md
+    rows = open(tmp_path / "sw" / "results.csv").read().splitlines()
+    assert rows[0] == "row,noise,ipc,mean,std,n" and len(rows) == 1 + 4
+    m = json.load(open(tmp_path / "sw" / "fake" / "sym0.4" / "ipc2" / "seed0" / "metrics.json"))
+    assert m["distill"]["iterations"] == 2
+    # a rerun skips every finished cell
+    monkeypatch.setattr(pipeline, "run", lambda *a, **k: pytest.fail("a finished cell ran again"))
+    s2 = sweep.run_sweep(spec)
+    assert s2["n_done"] == 2
+    assert open(tmp_path / "sw" / "results.md").read() == md
+    dry = sweep.run_sweep(spec, dry_run=True)
+    assert [c["state"] for c in dry["cells"]] == ["done", "done"]
+
+
+def test_sweep_file_errors(tmp_path):
+    with pytest.raises(UsageError, match="no such sweep file"):
+        sweep.load_sweep(str(tmp_path / "none.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("methodz: [datm]\n")
+    with pytest.raises(UsageError, match="unknown key"):
+        sweep.load_sweep(str(bad))
+
+
+def test_sweep_table_shape():
+    from ddfast.report import sweep_table
+
+    def cell(method, tad, noise, d, r, f):
+        return {"method": method, "tad": tad, "noise": noise, "ipc": 10, "seed": 0,
+                "metrics": {"results": {"distilled": {"mean": d, "std": 1.0},
+                                        "random_subset": {"mean": r, "std": 0.5},
+                                        "full_noisy": {"mean": f, "std": 0.0}}}}
+
+    cells = [cell("datm", False, "sym:0.4", 70.0, 60.0, 80.0), cell("datm", True, "sym:0.4", 75.0, 60.0, 80.0),
+             cell("datm", False, "asym:0.4", 65.0, 55.0, 78.0)]
+    md, rows = sweep_table(cells)
+    lines = md.strip().splitlines()
+    assert lines[0] == "| training data | sym:0.4 @ IPC 10 | asym:0.4 @ IPC 10 |"
+    assert lines[2].startswith("| DATM | 70.00 ± 1.00 | **65.00 ± 1.00** |")
+    assert lines[3].startswith("| DATM + TAD | **75.00 ± 1.00** | — |")
+    assert any(l.startswith("| full noisy training set | 80.00 ± 0.00 | 78.00 ± 0.00 |") for l in lines)
+    assert sum(1 for l in lines if l.startswith("| random real subset, DATM protocol")) == 1
+
+
+def test_full_data_baselines_match_ddfast_baselines(tmp_path):
+    """The pipeline runs the full-data baselines through evaluate_sharded (progress, sharding); the numbers
+    must be those of ddfast.baselines.full_noisy / gce."""
+    from ddfast import baselines as bl
+    from ddfast.augment import Normalize
+    from ddfast.data import load_dataset
+    from ddfast.noise import corrupt_labels
+
+    opts = dict(pipeline.BASELINE_DEFAULTS, epochs=1, width=8, num_runs=2)
+    ov = {"baseline": {"epochs": 1, "width": 8, "num_runs": 2}, "distill": {"iterations": 1},
+          "eval": {"epochs": 1, "num_runs": 1}}
+    m = pipeline.run(_cfg(tmp_path / "r", baselines=("full_noisy", "noisy_learner"), overrides=ov))
+    train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
+    noisy = corrupt_labels(train.labels, "sym:0.4", 10, seed=0)
+    ec = pipeline.full_baseline_config(opts, "cpu", 10, 0)
+    norm = Normalize(train.mean, train.std)
+    ref = bl.full_noisy(train, noisy, test, config=ec, transform=norm)
+    assert m["results"]["full_noisy"]["accs"] == ref.accs
+    ref = bl.gce(train, noisy, test, config=ec, transform=norm, q=0.7)
+    assert m["results"]["noisy_learner"]["accs"] == ref.accs
+
+
+def test_evaluation_during_distillation_is_plotted(tmp_path):
+    m = pipeline.run(_cfg(tmp_path / "r", overrides={"distill": {"iterations": 4, "eval_every": 2},
+                                                      "eval": {"progress_epochs": 2}}))
+    h = json.load(open(tmp_path / "r" / "stages" / "distill.json"))["history"]
+    assert [e["iteration"] for e in h if "test_acc" in e] == [2, 4]
+    assert (tmp_path / "r" / "plots" / "accuracy.png").exists()
+    assert m["files"]["plots"]["accuracy"] == os.path.join("plots", "accuracy.png")
