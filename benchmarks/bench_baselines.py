@@ -208,7 +208,9 @@ def report(db: dict) -> str:
              "subset": "random subset IPC 10 (noisy labels)"}
     lines = ["| baseline | noise | realised rate | test acc % (mean ± std) | runs | s / run | load avg (1 min) | recipe |",
              "|---|---|---|---|---|---|---|---|"]
-    for (b, spec), rs in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 9), kv[0][1])):
+    noise_order = {"none": 0, "sym": 1, "asym": 2}
+    for (b, spec), rs in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 9),
+                                                                noise_order.get(kv[0][1].split(":")[0], 9), kv[0][1])):
         accs = torch.tensor([r["acc"] for r in rs], dtype=torch.float64)
         std = float(accs.std(unbiased=False)) if len(rs) > 1 else 0.0
         secs = sum(r["seconds"] for r in rs) / len(rs)

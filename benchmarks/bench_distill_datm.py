@@ -21,6 +21,7 @@ Usage::
 
     python benchmarks/bench_distill_datm.py                       # CPU, syn_steps 10,20,40,80, both modes
     python benchmarks/bench_distill_datm.py --steps 10,20 --width 128 --device cuda
+    python benchmarks/bench_distill_datm.py --steps 10 --modes unroll --experts 5   # + expert training vmap/loop
 """
 from __future__ import annotations
 
@@ -101,6 +102,47 @@ def child(args) -> dict:
             "loss": d.history[-1]["loss"] if d.history else None}
 
 
+def experts_case(args, device: str) -> list:
+    """Expert training, K experts x one epoch over 10 x 100 images (batch 256): vmapped vs loop, SGD vs GSAM.
+    Time per expert per batch step (ms)."""
+    import torch
+    from harness import device_name, git_commit
+
+    from ddfast import _extension
+    from ddfast.distill.experts import ExpertRecipe, train_experts
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, 1, 28, 28, generator=g)
+    y = torch.arange(10).repeat(100)
+    rows = []
+    K = args.experts
+    for opt in ("sgd", "gsam"):
+        for vm in (True, False):
+            r = ExpertRecipe(model_kwargs={"width": args.width}, num_experts=K, epochs=1, optimizer=opt, vmap=vm,
+                             parallel=K if vm else 1)
+            train_experts(r, x[:256], y[:256], 10, device=device)  # warm-up
+            times = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                train_experts(r, x, y, 10, device=device)
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                times.append((time.perf_counter() - t0) * 1e3 / (K * 4))  # 4 batches per epoch
+            times.sort()
+            med = times[len(times) // 2]
+            print(f"experts {opt:<4} {'vmap' if vm else 'loop':<5} K={K}: {med:8.1f} ms per expert-step")
+            rows.append({
+                "timestamp": _dt.datetime.now().isoformat(timespec="seconds"), "benchmark": "datm_experts",
+                "case": f"fmnist-shape width={args.width} K={K} batch=256 {opt}", "provider": "vmap" if vm else "loop",
+                "mode": "fwd+bwd", "dtype": "float32", "device": device.split(":")[0],
+                "device_name": device_name(torch.device(device)), "threads": args.threads,
+                "median_ms": round(med, 3), "p20_ms": round(times[0], 3), "p80_ms": round(times[-1], 3),
+                "speedup_vs_eager": "", "gb_per_s": "", "copy_bw_share": "", "peak_mem_mib": "",
+                "config": json.dumps({"unit": "ms per expert per batch step", "loadavg_1m": round(os.getloadavg()[0], 2)}),
+                "git_commit": git_commit(), "torch": torch.__version__, "ddfast_extension": _extension.has_extension()})
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default=None)
@@ -110,6 +152,7 @@ def main(argv=None):
     ap.add_argument("--ipc", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--experts", type=int, default=0, help="also time expert training with K experts (0: skip)")
     ap.add_argument("--no-csv", action="store_true")
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--mode", default="unroll")
@@ -157,6 +200,8 @@ def main(argv=None):
                 "peak_mem_mib": round(r["peak_bytes"] / 2**20, 1), "config": json.dumps(cfg, sort_keys=True),
                 "git_commit": git_commit(), "torch": torch.__version__,
                 "ddfast_extension": _extension.has_extension()})
+    if args.experts:
+        rows += experts_case(args, device)
     if rows and not args.no_csv:
         append_rows(rows)
         print(f"appended {len(rows)} rows to benchmarks/results.csv")

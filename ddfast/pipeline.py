@@ -348,6 +348,16 @@ def _validate(cfg: RunConfig) -> None:
         raise UsageError(f"unknown data option(s) {unknown}; known: ['test_limit', 'train_per_class']")
 
 
+def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def _check_run_dir(rd: _RunDir, cfg: RunConfig, argv: Optional[Sequence[str]]) -> bool:
     """Writes run.json for a new directory; for an existing one checks the config. Returns True when
     resuming."""
@@ -360,8 +370,9 @@ def _check_run_dir(rd: _RunDir, cfg: RunConfig, argv: Optional[Sequence[str]]) -
             raise UsageError(f"{path} is corrupt ({exc}); use another --out") from None
         old = prev.get("identity", {})
         if old != ident:
-            keys = sorted(set(old) | set(ident))
-            diff = [f"{k}: {old.get(k)!r} -> {ident.get(k)!r}" for k in keys if old.get(k) != ident.get(k)]
+            a, b = _flatten(old), _flatten(json.loads(json.dumps(ident, default=str)))
+            diff = [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in sorted(set(a) | set(b))
+                    if a.get(k, "(unset)") != b.get(k, "(unset)")]
             raise RunConfigMismatch(f"{rd.out} holds a run with another configuration ({'; '.join(diff)}); "
                                     "rerun with the same options to resume, or choose another --out")
         return True
@@ -583,10 +594,15 @@ def _progress_callback(cfg: RunConfig, dcfg, test, device: torch.device):
     return callback
 
 
-def _distill(cfg: RunConfig, rd: _RunDir, train, noisy, device: torch.device, cache_dir: str, stages: _Stages,
-             test=None):
-    from .distill import make_config, make_distiller
-    from .distill.base import SyntheticSet, TrainSet
+def _configs(cfg: RunConfig, train):
+    """The distiller's config and TAD's config (None without --tad), checked before anything is written.
+
+    Raises:
+        UsageError: an unknown or bad ``distill.*`` / ``tad.*`` / ``eval.*`` override, a preset without values
+            for this dataset/IPC.
+    """
+    from .distill import make_config
+    from .evaluate import EvalConfig
 
     ov = dict(cfg.overrides.get("distill", {}))
     ov.setdefault("seed", int(cfg.seed))
@@ -594,6 +610,31 @@ def _distill(cfg: RunConfig, rd: _RunDir, train, noisy, device: torch.device, ca
         dcfg = make_config(cfg.method, cfg.preset, train.name, cfg.ipc, **ov)
     except (TypeError, ValueError) as exc:
         raise UsageError(f"{cfg.method} config: {exc}") from None
+    tad_cfg = None
+    if cfg.tad:
+        from . import tad as tad_mod
+
+        kw = dict(cfg.overrides.get("tad", {}))
+        kw.setdefault("seed", int(cfg.seed))
+        try:
+            tad_cfg = tad_mod.TADConfig().replace(**kw)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"TAD config: {exc}") from None
+    elif cfg.overrides.get("tad"):
+        raise UsageError("tad.* overrides given without --tad")
+    names = {f.name for f in dataclasses.fields(EvalConfig)} | {"progress_epochs"}
+    bad = sorted(set(cfg.overrides.get("eval", {})) - names)
+    if bad:
+        raise UsageError(f"unknown eval option(s) {bad}; known: {sorted(names)}")
+    return dcfg, tad_cfg
+
+
+def _distill(cfg: RunConfig, rd: _RunDir, train, noisy, device: torch.device, cache_dir: str, stages: _Stages,
+             test=None, configs=None):
+    from .distill import make_distiller
+    from .distill.base import SyntheticSet, TrainSet
+
+    dcfg, tad_cfg = configs if configs is not None else _configs(cfg, train)
     ts = TrainSet(images=train.images, labels=noisy.labels, num_classes=train.num_classes, mean=train.mean,
                   std=train.std, name=train.name)
     try:
@@ -610,12 +651,6 @@ def _distill(cfg: RunConfig, rd: _RunDir, train, noisy, device: torch.device, ca
     if cfg.tad:
         from . import tad as tad_mod
 
-        kw = dict(cfg.overrides.get("tad", {}))
-        kw.setdefault("seed", int(cfg.seed))
-        try:
-            tad_cfg = tad_mod.TADConfig().replace(**kw)
-        except (TypeError, ValueError) as exc:
-            raise UsageError(f"TAD config: {exc}") from None
         result = tad_mod.run_tad(distiller, ts, config=tad_cfg, clean_labels=noisy,
                                  checkpoint_dir=ckpt_dir, resume=True, quiet=cfg.quiet or not dd.is_main(),
                                  callback=callback)
@@ -818,6 +853,7 @@ def run(cfg: RunConfig, argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         RunConfigMismatch: ``cfg.out`` holds a run with other options.
     """
     t_start = time.perf_counter()
+    load_start = _loadavg()
     _validate(cfg)
     device = resolve_device(cfg.device)
     dd.init_from_env(device)
@@ -832,6 +868,7 @@ def run(cfg: RunConfig, argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         c = int(counts.argmin())
         raise UsageError(f"--ipc {cfg.ipc} is larger than class {c} ({int(counts[c])} samples with that label)")
 
+    configs = _configs(cfg, train)
     resuming = _check_run_dir(rd, cfg, argv)
     cache_dir = os.path.abspath(os.path.expanduser(cfg.cache_dir or default_cache_dir()))
     if resuming and os.path.exists(rd.path("report.md")) and os.path.exists(rd.path("metrics.json")):
@@ -860,7 +897,7 @@ def run(cfg: RunConfig, argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     else:
         _say(cfg, f"distill: {cfg.method}{' + TAD' if cfg.tad else ''} ({cfg.preset}) IPC {cfg.ipc} on {device}")
         syn, dfacts = stages.run("distill", lambda: _distill(cfg, rd, train, noisy, device, cache_dir, stages,
-                                                                    test))
+                                                                    test, configs))
         syn.metadata = dict(syn.metadata or {})
         syn.metadata["ddfast_run"] = {"dataset": train.name, "data_root": cfg.data_root,
                                       "data": cfg.overrides.get("data", {}), "noise": noise_facts["spec"],
@@ -870,6 +907,7 @@ def run(cfg: RunConfig, argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         if dd.is_main():
             syn.save(rd.out)
         rd.save("distill", dfacts)
+        rd.save("timing", {"stages": {**prev_stages, **stages.stages}})
     for k, v in dfacts.get("substages", {}).items():
         stages.stages.setdefault(k, v)
 
@@ -891,6 +929,7 @@ def run(cfg: RunConfig, argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                                              f"{'soft' if syn.soft else 'hard'} labels"
                                              + (f", learned lr {float(syn.lr):.4g}" if syn.lr is not None else ""))
         rd.save("evaluate", distilled)
+        rd.save("timing", {"stages": {**prev_stages, **stages.stages}})
     _say(cfg, f"distilled: {distilled['mean']:.2f} +- {distilled['std']:.2f} %")
 
     # ---- baselines -----------------------------------------------------------------------------------
@@ -922,6 +961,7 @@ def run(cfg: RunConfig, argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                                                    device, cfg.quiet))
         results[name] = r
         rd.save(sname, r)
+        rd.save("timing", {"stages": {**prev_stages, **stages.stages}})
         if dd.is_main():
             atomic_write_json({"key": key, "result": r}, cpath)
         _say(cfg, f"{name}: {r['mean']:.2f} +- {r['std']:.2f} %")
@@ -964,7 +1004,8 @@ def run(cfg: RunConfig, argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "stages": stages.stages,
         "total_seconds": time.perf_counter() - t_start,
         "resumed": bool(resuming),
-        "environment": environment_info(device),
+        "environment": {**environment_info(device), "load_average_start": load_start,
+                        "load_average_end": _loadavg()},
         "files": files,
     }
     if dd.is_main():
@@ -973,6 +1014,13 @@ def run(cfg: RunConfig, argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     dd.barrier()
     _say(cfg, f"wrote {rd.path('report.md')}")
     return metrics
+
+
+def _loadavg() -> Optional[List[float]]:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
 
 
 def render_report_safe(metrics: Dict[str, Any]) -> str:

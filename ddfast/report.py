@@ -251,11 +251,18 @@ def _mib(b: Optional[float]) -> str:
     return "—" if b is None else f"{b / 2 ** 20:.0f}"
 
 
+def _minutes(s: Optional[float]) -> str:
+    if s is None:
+        return "—"
+    return f"{s:.0f} s ({s / 60:.1f} min)"
+
+
 def _secs(s: Optional[float]) -> str:
+    """Seconds for a table cell; long durations also in minutes."""
     if s is None:
         return "—"
     if s >= 120:
-        return f"{s:.0f} ({s / 60:.1f} min)"
+        return f"{s:.0f} [{s / 60:.1f} min]"
     return f"{s:.1f}"
 
 
@@ -280,16 +287,25 @@ def render_report(m: Dict[str, Any]) -> str:
     d, rs = res.get("distilled"), res.get("random_subset")
     if d and rs and d.get("mean") is not None and rs.get("mean") is not None:
         diff = d["mean"] - rs["mean"]
-        verdict = "beats" if diff > 0 else "does not beat"
-        out.append(f"**The distilled set ({d.get('n_images', '?')} images) {verdict} a random real subset of the "
-                   f"same size with the noisy labels by {diff:+.2f} points** ({fmt_acc(d)} % vs {fmt_acc(rs)} %).")
+        if diff > 0:
+            verdict = f"beats a random real subset of the same size with the noisy labels by {diff:.2f} points"
+        elif diff < 0:
+            verdict = f"is {-diff:.2f} points below a random real subset of the same size with the noisy labels"
+        else:
+            verdict = "ties with a random real subset of the same size with the noisy labels"
+        out.append(f"**The distilled set ({d.get('n_images', '?')} images) {verdict}** "
+                   f"({fmt_acc(d)} % vs {fmt_acc(rs)} % test accuracy).")
     fn = res.get("full_noisy")
     if d and fn and fn.get("mean") is not None:
         out.append(f"Training on all {fn.get('n_images', '?')} noisy images gives {fmt_acc(fn)} % "
                    f"({d['mean'] - fn['mean']:+.2f} points for the distilled set).")
     out.append("")
-    out.append(f"Preset `{cfg.get('preset')}`, seed {cfg.get('seed')}, device `{m.get('environment', {}).get('device')}`, "
-               f"total wall time {_secs(m.get('total_seconds'))} s.")
+    env = m.get("environment", {})
+    load = env.get("load_average_start")
+    load_txt = f" (1-min load average {load[0]:.1f} at the start on {env.get('cpu_count')} cores)" if load else ""
+    out.append(f"Preset `{cfg.get('preset')}`, seed {cfg.get('seed')}, device `{env.get('device')}`, "
+               f"total wall time {_minutes(m.get('total_seconds'))}{load_txt}"
+               + (", resumed from an earlier invocation" if m.get("resumed") else "") + ".")
     out.append("")
 
     # results

@@ -107,6 +107,8 @@ def expand_cells(spec: Dict[str, Any]) -> List[Dict[str, Any]]:
         ov: Dict[str, Dict[str, Any]] = {k: dict(v) for k, v in base_ov.items()}
         for sec, kv in (per_method.get(str(method)) or {}).items():
             ov.setdefault(sec, {}).update(kv)
+        if not tad:
+            ov.pop("tad", None)  # TAD options only apply to the cells with TAD
         name = _cell_name(str(method), tad, str(noise), int(ipc), int(seed))
         out = os.path.join(spec["out"], name)
         cfg = RunConfig(dataset=str(spec["dataset"]), noise=str(noise), method=str(method).lower(), tad=tad,

@@ -63,6 +63,10 @@ BAD = [
     (["run", "--dataset", "digits", "--preset", "medium"], "unknown preset"),
     (["run", "--dataset", "digits", "--baselines", "oracle"], "unknown baseline"),
     (["run", "--dataset", "digits", "--override", "nonsense"], "KEY=VALUE"),
+    (["run", "--dataset", "digits", "-O", "distill.no_such_option=1"], "no_such_option"),
+    (["run", "--dataset", "digits", "--tad", "-O", "tad.rounds=0"], "rounds"),
+    (["run", "--dataset", "digits", "-O", "tad.rounds=2"], "without --tad"),
+    (["run", "--dataset", "digits", "-O", "eval.epoch=3"], "unknown eval option"),
     (["run", "--dataset", "digits", "--device", "cuda:0"] if not torch.cuda.is_available()
      else ["run", "--dataset", "digits", "--device", "tpu"], "device"),
     (["run", "--bogus-flag"], "unrecognized arguments"),
@@ -109,44 +113,77 @@ def test_resume_with_other_options_is_refused(tmp_path, monkeypatch, capsys):
 # ----------------------------------------------------------------------------------------------------------
 # end to end
 # ----------------------------------------------------------------------------------------------------------
-def test_run_end_to_end_on_digits(tmp_path):
-    p = _ddfast(tmp_path, "run", "--dataset", "digits", "--noise", "sym:0.4", "--method", "fake", "--ipc", "3",
-                "--seed", "1", "--out", "d", "--baselines", "random_subset,full_noisy,noisy_learner",
-                "-O", "baseline.epochs=1", "-O", "baseline.width=8", fake=True)
-    assert p.returncode == 0, p.stderr[-2000:]
+# tiny configs of the real distillers (a few seconds each) and of TAD
+TINY = {
+    "datm": ["distill.iterations=2", "distill.checkpoint_every=1", "distill.num_experts=2", "distill.train_epochs=2",
+             "distill.syn_steps=2", "distill.current_max_start_epoch=1", "distill.max_start_epoch=1",
+             "distill.expert_epochs=1", "distill.eval_epochs=2", "distill.eval_runs=2", "distill.width=8"],
+    "dance": ["distill.iterations=2", "distill.checkpoint_every=1", "distill.pretrain_amount=2",
+              "distill.num_premodel=2", "distill.pretrain_epochs=1", "distill.pretrain_subset=200",
+              "distill.net_width=8", "distill.eval_width=8", "distill.eval_epochs=2", "distill.eval_runs=2",
+              "distill.batch_real=16"],
+    "rcig": ["distill.iterations=2", "distill.checkpoint_every=1", "distill.pool_model_count=2",
+             "distill.max_online_steps=2", "distill.n_inner_steps=2", "distill.n_hinv_steps=2",
+             "distill.real_batch_size=64", "distill.eval_steps=5", "distill.eval_warmup_steps=1", "distill.eval_runs=2",
+             "distill.base_width=8"],
+}
+TINY_TAD = ["tad.rounds=2", "tad.warmup_epochs=0.5", "tad.refine_epochs=0.5", "tad.scorer_width=8",
+            "tad.min_trusted_per_class=8"]
+TINY_BASELINES = ["baseline.epochs=1", "baseline.width=8"]
+
+
+def _overrides(items):
+    return [a for item in items for a in ("-O", item)]
+
+
+def test_run_end_to_end_on_digits_datm_tad(tmp_path):
+    args = ["run", "--dataset", "digits", "--noise", "sym:0.4", "--method", "datm", "--tad", "--ipc", "2", "--seed",
+            "1", "--out", "d", "--baselines", "random_subset,full_noisy,noisy_learner"]
+    args += _overrides(TINY["datm"] + TINY_TAD + TINY_BASELINES)
+    p = _ddfast(tmp_path, *args)
+    assert p.returncode == 0, p.stderr[-3000:]
     out = tmp_path / "d"
     m = json.load(open(out / "metrics.json"))
     for k in ("distilled", "random_subset", "full_noisy", "noisy_learner"):
         assert 0 <= m["results"][k]["mean"] <= 100 and m["results"][k]["accs"]
-    assert m["noise"]["spec"] == "sym:0.4" and m["config"]["seed"] == 1
+    assert m["noise"]["spec"] == "sym:0.4" and m["config"]["seed"] == 1 and m["config"]["tad"] is True
+    rounds = m["tad"]["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1] and all(0 < r["n_trusted"] <= r["n"] for r in rounds)
+    assert all(0 <= r["precision"] <= 1 for r in rounds)
+    syn = SyntheticSet.load(str(out))
+    assert syn.method == "datm" and syn.soft and syn.images.shape == (20, 1, 8, 8) and syn.lr is not None
+    for f in ("synset_grid.png", "plots/loss.png", "plots/tad_trusted.png", "report.md"):
+        assert (out / f).exists(), f
+    report = (out / "report.md").read_text()
+    assert "## TAD (trust-aware diversion) per round" in report and "GCE" in report
     assert "distilled set" in p.stdout and "report:" in p.stdout
     assert "%|" in p.stderr            # tqdm progress bars on stderr
-    report = (out / "report.md").read_text()
-    assert "noisy-label learner" in report and "GCE" in report
-    # --quiet: nothing on stdout/stderr
-    q = _ddfast(tmp_path, "run", "--dataset", "digits", "--noise", "sym:0.4", "--method", "fake", "--ipc", "3",
-                "--seed", "1", "--out", "d", "--baselines", "random_subset,full_noisy,noisy_learner",
-                "-O", "baseline.epochs=1", "-O", "baseline.width=8", "--quiet", fake=True)
+    # the same command again: finished, nothing recomputed, nothing printed with --quiet
+    q = _ddfast(tmp_path, *args, "--quiet")
     assert q.returncode == 0 and q.stdout == "" and q.stderr == ""
-    # evaluate the saved set again: same protocol, same numbers
+    # evaluate the saved set again with its protocol: the same numbers
     e = _ddfast(tmp_path, "evaluate", "d", "--json")
     assert e.returncode == 0, e.stderr
     assert json.loads(e.stdout)["accs"] == m["results"]["distilled"]["accs"]
 
 
 @pytest.mark.skipif(not FMNIST, reason="Fashion-MNIST files not installed")
-def test_run_end_to_end_on_a_fashion_mnist_slice(tmp_path):
-    p = _ddfast(tmp_path, "run", "--dataset", "fashion-mnist", "--noise", "asym:0.4", "--method", "fake", "--ipc",
-                "2", "--out", "f", "--baselines", "random_subset", "-O", "data.train_per_class=40",
-                "-O", "data.test_limit=300", "-O", "distill.iterations=3", "--quiet", fake=True)
-    assert p.returncode == 0, p.stderr[-2000:]
+@pytest.mark.parametrize("method,tad", [("dance", True), ("rcig", False)])
+def test_run_end_to_end_on_a_fashion_mnist_slice(tmp_path, method, tad):
+    args = ["run", "--dataset", "fashion-mnist", "--noise", "asym:0.4", "--method", method, "--ipc", "2",
+            "--out", "f", "--baselines", "random_subset", "-O", "data.train_per_class=40", "-O", "data.test_limit=300",
+            "--quiet"] + (["--tad"] + _overrides(TINY_TAD) if tad else []) + _overrides(TINY[method])
+    p = _ddfast(tmp_path, *args)
+    assert p.returncode == 0, p.stderr[-3000:]
     m = json.load(open(tmp_path / "f" / "metrics.json"))
     assert m["dataset"]["name"] == "fashion-mnist" and m["dataset"]["n_train"] == 400 and m["dataset"]["n_test"] == 300
     T = torch.tensor(m["noise"]["transition"])
     # Fashion-MNIST pairs: T-shirt<->Shirt, Pullover<->Coat, Sandal<->Sneaker; Trouser untouched
     assert T[0, 6] > 0.2 and T[6, 0] > 0.2 and T[1, 1] == 1.0
+    assert m["tad"]["enabled"] is tad and (len(m["tad"]["rounds"]) == 2) is tad
     syn = SyntheticSet.load(str(tmp_path / "f"))
-    assert syn.images.shape == (20, 1, 28, 28)
+    assert syn.method == method and syn.num_classes == 10 and syn.images.shape[1:] == (1, 28, 28)
+    assert 0 <= m["results"]["distilled"]["mean"] <= 100
 
 
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
@@ -178,17 +215,18 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert mb["resumed"] is True
 
 
-def test_info(tmp_path):
-    p = _ddfast(tmp_path, "info", "--json")
-    assert p.returncode == 0, p.stderr
-    info = json.loads(p.stdout)
+def test_info(tmp_path, capsys):
+    assert cli.main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
     assert info["environment"]["torch"] == torch.__version__
     assert {d["dataset"] for d in info["datasets"]} >= {"fashion-mnist", "digits"}
     assert next(d for d in info["datasets"] if d["dataset"] == "digits")["found"] is True
     assert set(info["presets"]) >= {"datm", "dance", "rcig"}
+    assert all("error" not in v for v in info["presets"].values()), info["presets"]
     assert "has_cuda_kernels" in info and "extension" in info
-    p = _ddfast(tmp_path, "info")
-    assert p.returncode == 0 and "datasets:" in p.stdout and "presets:" in p.stdout
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "datasets:" in out and "presets:" in out and "datm quick:" in out
 
 
 def test_demo_configuration():
@@ -202,3 +240,28 @@ def test_demo_configuration():
     # any "what" argument leaves the demo: --tad is then opt-in and the out dir is derived from the options
     cfg = cli._run_config(cli.build_parser().parse_args(["run", "--method", "rcig", "--noise", "asym:0.2"]))
     assert cfg.tad is False and cfg.out == os.path.join("runs", "rcig-fashion-mnist-asym0.2-ipc10-s0")
+
+
+def test_sweep_command(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.yaml").write_text("""
+dataset: digits
+methods: [fake]
+noise: ["sym:0.4"]
+ipc: [2]
+tad: [false]
+seeds: [0, 1]
+device: cpu
+out: sw
+baselines: [random_subset]
+overrides: {distill: {iterations: 1}, eval: {epochs: 1}}
+""")
+    assert cli.main(["sweep", "s.yaml", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("todo") == 2 and "fake/sym0.4/ipc2/seed1" in out
+    assert cli.main(["sweep", "s.yaml", "--quiet"]) == 0
+    md = (tmp_path / "sw" / "results.md").read_text()
+    assert "(2 seeds)" in md and "| FAKE |" in md
+    assert cli.main(["sweep", "s.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("done earlier, skipped") == 2 and "| training data | sym:0.4 @ IPC 2 |" in out

@@ -135,3 +135,29 @@ def test_single_process_fallbacks():
     with pytest.raises(TypeError):
         dd.all_reduce_mean_([torch.arange(3)])
     assert dd.init_from_env("cpu") is False  # no WORLD_SIZE in the environment
+
+
+def test_torchrun_evaluate_matches_single_process(tmp_path, monkeypatch):
+    """`torchrun --nproc-per-node=2 -m ddfast evaluate DIR`: gloo on CPU, runs sharded, rank 0 prints/writes."""
+    import subprocess
+    import sys
+
+    import _ddfast_fake
+    from ddfast import pipeline
+
+    _ddfast_fake.register()
+    monkeypatch.setenv("DDFAST_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    pipeline.run(pipeline.RunConfig(dataset="digits", method="fake", tad=False, ipc=2, out=str(out), device="cpu",
+                                    baselines=(), quiet=True, overrides={"distill": {"iterations": 2, "eval_runs": 3}}))
+    single = pipeline.evaluate_dir(str(out), device="cpu", quiet=True, write=False, overrides={"vmap": False})
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port",
+                        str(_free_port()), "-m", "ddfast", "evaluate", str(out), "--json", "--quiet"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads(p.stdout)                     # one JSON document: only rank 0 printed
+    assert got["accs"] == single["accs"] and len(got["accs"]) == 3
+    assert got["eval"]["sharded_over_ranks"] == 2
+    assert os.listdir(out / "evaluations") == ["convnet-3runs.json"]

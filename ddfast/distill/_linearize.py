@@ -66,9 +66,11 @@ class LinCache:
 
     Attributes:
         features: ``phi(x; theta0)`` ``[n, p]`` (carries autograd history to ``x`` when ``x`` required grad).
-        x: the input (``"functorch"`` recomputes from it).
-        inputs: ``"convnet"``: the input of every conv layer ``h_l``; activation derivatives ``d_l``;
-            pooling input shapes -- one entry per op of the body.
+        x: the input ``[n, C, H, W]`` (``"functorch"`` recomputes the primal from it in every jvp).
+        layer: ``"convnet"`` only, one entry per op of the body: the input ``h_l`` of a conv, the activation
+            derivative ``sigma'(z_l)`` (same shape as ``z_l``; ``1[z > 0]`` for ReLU, ``sigmoid(beta z)`` for
+            softplus) of an activation, ``None`` for a pooling op.
+        shapes: ``"convnet"`` only: the input shape of every conv / pooling op (for the vjp).
     """
 
     features: torch.Tensor

@@ -65,7 +65,6 @@ Deviations from the reference (documented choices)
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import math
@@ -78,7 +77,7 @@ import torch.nn.functional as F
 
 from ..augment import Normalize, diffaug
 from ..models import load_flat
-from .base import Distiller, DistillConfig, SyntheticSet, TrainSet, labels_digest
+from .base import Distiller, DistillConfig, SyntheticSet, TrainSet
 from .pool import ModelPool, PoolConfig, build_pool
 
 __all__ = ["DANCE", "DANCEConfig", "preset_config", "PRESET_DOCS", "decode", "mix_tiles", "dance_eval_config",
@@ -660,8 +659,9 @@ PRESET_DOCS = {
              "epochs, 5 runs, DSA + CutMix. Same values for CIFAR-10/100, Fashion-MNIST and MNIST (IPC 1/10/50). "
              "Meant for a GPU."),
     "quick": ("2-core CPU in a few minutes, pool pretraining included: ConvNet-3 width 32, 3 pool models x 4 "
-              "epochs on 12,000 samples, 250 iterations, batch_real 64, factor 2, lr_img tuned for the narrower "
-              "network; evaluation ConvNet-3 width 64, 300 epochs, 5 runs (same protocol otherwise)."),
+              "epochs on 12,000 samples (num_premodel 3), 250 iterations, batch_real 64, factor 2, lr_img "
+              "0.05*IPC (the narrower network's 512-d features give smaller PLTDA gradients); evaluation "
+              "ConvNet-3 width 32, 300 epochs, 5 runs, otherwise DANCE's protocol."),
 }
 
 
@@ -694,7 +694,7 @@ def preset_config(preset: str, dataset: str, ipc: int, **overrides: Any) -> DANC
     else:
         values = dict(ipc=ipc, iterations=250, checkpoint_every=50, factor=2, lr_img=0.05 * ipc, mom_img=0.5,
                       batch_real=64, batch_syn_max=200, num_premodel=3, iter_calib=1, net_width=32, net_depth=3,
-                      pretrain_amount=3, pretrain_epochs=4, pretrain_subset=12000, eval_width=64, eval_epochs=300,
+                      pretrain_amount=3, pretrain_epochs=4, pretrain_subset=12000, eval_width=32, eval_epochs=300,
                       eval_runs=5)
     names = {f.name for f in dataclasses.fields(DANCEConfig)}
     unknown = sorted(set(overrides) - names)
