@@ -423,13 +423,11 @@ def unflatten(model: nn.Module, flat: torch.Tensor) -> Dict[str, torch.Tensor]:
     """Splits ``flat [P]`` into ``{name: view}`` shaped like ``model``'s parameters (views of ``flat``,
     so gradients flow back to it). Raises ``ValueError`` if ``flat`` does not have length P."""
     _check_flat(model, flat)
-    out: Dict[str, torch.Tensor] = {}
-    offset = 0
-    for name, p in model.named_parameters():
-        n = p.numel()
-        out[name] = flat[offset:offset + n].view(p.shape)
-        offset += n
-    return out
+    named = list(model.named_parameters())
+    # one split, not a slice per tensor: its backward concatenates the pieces' gradients once, where slices
+    # would each scatter into a zero tensor of size P (measured: ~7 % of a DATM unroll iteration on a CPU)
+    pieces = flat.split([p.numel() for _, p in named])
+    return {name: piece.view(p.shape) for (name, p), piece in zip(named, pieces)}
 
 
 @torch.no_grad()

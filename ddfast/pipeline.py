@@ -363,7 +363,10 @@ def _check_run_dir(rd: _RunDir, cfg: RunConfig, argv: Optional[Sequence[str]]) -
     resuming."""
     path = rd.path("run.json")
     ident = cfg.identity()
-    if os.path.exists(path):
+    # rank 0's view for every rank: a rank looking later could see the run.json rank 0 writes below
+    listing = [f for f in os.listdir(rd.out) if not f.startswith(".")] if os.path.isdir(rd.out) else []
+    exists, listing = dd.broadcast_object((os.path.exists(path), listing))
+    if exists:
         try:
             prev = load_json(path)
         except ValueError as exc:
@@ -376,10 +379,8 @@ def _check_run_dir(rd: _RunDir, cfg: RunConfig, argv: Optional[Sequence[str]]) -
             raise RunConfigMismatch(f"{rd.out} holds a run with another configuration ({'; '.join(diff)}); "
                                     "rerun with the same options to resume, or choose another --out")
         return True
-    if os.path.isdir(rd.out) and os.listdir(rd.out):
-        stray = [f for f in os.listdir(rd.out) if not f.startswith(".")]
-        if stray:
-            raise UsageError(f"{rd.out} exists and is not a ddfast run directory (no run.json); choose another --out")
+    if listing:
+        raise UsageError(f"{rd.out} exists and is not a ddfast run directory (no run.json); choose another --out")
     if dd.is_main():
         atomic_write_json({"schema": RUN_SCHEMA, "identity": ident, "config": cfg.to_dict(),
                            "command": cfg.command(), "argv": list(argv) if argv is not None else None,

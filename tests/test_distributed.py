@@ -161,3 +161,171 @@ def test_torchrun_evaluate_matches_single_process(tmp_path, monkeypatch):
     assert got["accs"] == single["accs"] and len(got["accs"]) == 3
     assert got["eval"]["sharded_over_ranks"] == 2
     assert os.listdir(out / "evaluations") == ["convnet-3runs.json"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DATM: sharded expert buffer, trajectory-parallel distillation
+# ----------------------------------------------------------------------------------------------------------
+_DATM_ITERS = 4
+_DATM_THRESHOLD = 0.78  # between the two segments' losses of some iterations: the per-segment gate is exercised
+
+
+def _datm_train():
+    from ddfast.distill.base import TrainSet
+
+    xtr, ytr, _, _ = _tiny_data()
+    return TrainSet(xtr, ytr, 3, (0.5,), (0.25,), "tiny")
+
+
+def _datm_cfg(**kw):
+    from ddfast.distill.datm import DATMConfig
+
+    base = dict(ipc=2, iterations=_DATM_ITERS, width=8, depth=2, preprocess="normalize", num_experts=3,
+                train_epochs=3, expert_batch=8, expert_optimizer="gsam", lr_teacher=0.05, syn_steps=3,
+                expert_epochs=1, batch_syn=4, min_start_epoch=0, max_start_epoch=2, sequential_generation=False,
+                dsa_strategy="color_crop_flip", pix_init="real", label_init="correct_experts", lr_img=10.0,
+                lr_lr=1e-4, lr_y=1.0, threshold=_DATM_THRESHOLD, checkpoint_every=2, seed=3)
+    base.update(kw)
+    return DATMConfig(**base)
+
+
+def _datm_worker(rank, world, port, out_dir):
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    assert dd.init_from_env("cpu") is True
+    from ddfast.distill.datm import DATM
+    from ddfast.distill.experts import train_experts
+
+    train = _datm_train()
+    recipe = _datm_cfg().expert_recipe()
+    mem = train_experts(recipe, train.images, train.labels, 3)
+    disk = train_experts(recipe, train.images, train.labels, 3, directory=os.path.join(out_dir, "experts"),
+                         key={"test": 1})
+    res = {"experts_mem": torch.stack([mem.trajectory(k) for k in range(3)]),
+           "experts_disk": torch.stack([disk.trajectory(k) for k in range(3)])}
+
+    d = DATM(_datm_cfg(), cache_dir=os.path.join(out_dir, "cache"), quiet=True)
+    syn = d.run(train)
+    res.update({"images": syn.images, "labels": syn.labels, "lr": torch.tensor(syn.lr),
+                "datm_experts": torch.stack([d.experts.trajectory(k) for k in range(3)])})
+    hist = d.history
+    # interrupted after 2 iterations (checkpoint written by every rank, identical) and resumed to the end
+    ck = os.path.join(out_dir, "ckpt")
+    DATM(_datm_cfg(), cache_dir=os.path.join(out_dir, "cache"), quiet=True).run(train, iterations=2,
+                                                                              checkpoint_dir=ck)
+    resumed = DATM(_datm_cfg(), cache_dir=os.path.join(out_dir, "cache"), quiet=True).run(train, checkpoint_dir=ck)
+    res["resumed_images"] = resumed.images
+    torch.save(res, os.path.join(out_dir, f"datm{rank}.pt"))
+    with open(os.path.join(out_dir, f"datm{rank}.json"), "w") as f:
+        json.dump({"history": hist, "manifest": json.load(open(os.path.join(out_dir, "experts", "manifest.json")))},
+                  f)
+    dd.barrier()
+    dd.destroy()
+
+
+@pytest.fixture(scope="module")
+def datm_two_ranks(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("dist_datm"))
+    mp.spawn(_datm_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    return [(torch.load(os.path.join(out, f"datm{r}.pt"), weights_only=True),
+             json.load(open(os.path.join(out, f"datm{r}.json")))) for r in range(2)]
+
+
+def _meta_grad(ref, X, Y, lr, expert, start, plan):
+    """One segment's matching loss and its gradient w.r.t. ``(X, Y, lr)``: plain autograd through the unrolled
+    inner SGD steps (MTT eq. 2, soft cross entropy), written out here rather than taken from the distiller."""
+    from ddfast.augment import DSA
+    from ddfast.models import functional_forward
+
+    cfg = ref.config
+    theta0 = ref.experts.snapshot(expert, start).clone()
+    target = ref.experts.snapshot(expert, start + cfg.expert_epochs)
+    dsa = DSA(cfg.dsa_strategy)
+    cur = theta0.clone().requires_grad_(True)
+    for idx, seed in plan:
+        z = functional_forward(ref._template, cur, dsa(X[idx], seed))
+        ce = -(torch.softmax(Y[idx], 1) * torch.log_softmax(z, 1)).sum(1).mean()
+        (g,) = torch.autograd.grad(ce, cur, create_graph=True)
+        cur = cur - lr * g
+    loss = (cur - target).square().sum() / (theta0 - target).square().sum()
+    return float(loss.detach()), torch.autograd.grad(loss, [X, Y, lr])
+
+
+@pytest.fixture(scope="module")
+def datm_reference():
+    """One process doing both ranks' work: the two segments of every iteration, each segment's meta-gradient,
+    the gate per segment, the mean of the accepted gradients and DATM's three SGD optimisers."""
+    from ddfast.distill.datm import DATM
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = _datm_cfg()
+        ref = DATM(cfg, quiet=True)
+        ref.initialize(_datm_train())
+        X = ref.image_syn.detach().clone().requires_grad_(True)
+        Y = ref.label_syn.detach().clone().requires_grad_(True)
+        lr = ref.syn_lr.detach().clone().requires_grad_(True)
+        X0 = X.detach().clone()
+        opts = [torch.optim.SGD([X], lr=cfg.lr_img, momentum=0.5), torch.optim.SGD([lr], lr=cfg.lr_lr, momentum=0.5),
+                torch.optim.SGD([Y], lr=cfg.lr_y, momentum=cfg.momentum_y)]
+        losses, rejected = [], []
+        for it in range(_DATM_ITERS):
+            ref.iteration = it
+            segments, plan = ref.draw_segments(2)
+            out = [_meta_grad(ref, X, Y, lr, k, t, plan) for k, t in segments]
+            ok = [loss <= cfg.threshold for loss, _ in out]
+            losses.append((out[0][0] + out[1][0]) / 2)
+            rejected.append(1.0 - sum(ok) / 2)
+            if any(ok):
+                for i, p in enumerate((X, Y, lr)):
+                    p.grad = sum(g[i] for (_, g), o in zip(out, ok) if o) / sum(ok)
+                for o in opts:
+                    o.step()
+    finally:
+        torch.set_num_threads(old)
+    return {"images": X.detach(), "labels": Y.detach(), "lr": lr.detach(), "initial": X0, "losses": losses,
+            "rejected": rejected, "experts": torch.stack([ref.experts.trajectory(k) for k in range(3)])}
+
+
+def test_datm_ranks_keep_identical_synthetic_sets(datm_two_ranks, datm_reference):
+    (r0, j0), (r1, j1) = datm_two_ranks
+    for key in ("images", "labels", "lr", "resumed_images"):
+        assert torch.equal(r0[key], r1[key]), key
+    assert j0["history"] == j1["history"]                 # rank-mean metrics, the same on every rank
+    assert len(j0["history"]) == _DATM_ITERS
+    assert j0["history"][-1]["faults"] < _DATM_ITERS      # something was updated ...
+    assert not torch.allclose(r0["images"], datm_reference["initial"], atol=1e-3)  # ... and moved the images
+    assert torch.equal(r0["resumed_images"], r0["images"])  # interrupted + resumed == uninterrupted
+
+
+def test_datm_two_ranks_equal_mean_of_both_meta_gradients(datm_two_ranks, datm_reference):
+    (r0, j0), _ = datm_two_ranks
+    ref = datm_reference
+    hist = j0["history"]
+    assert [h["loss"] for h in hist] == pytest.approx(ref["losses"], rel=1e-5)
+    assert [h["fault"] for h in hist] == ref["rejected"]
+    assert {0.0, 0.5} <= set(ref["rejected"])             # both segments kept, and only one of two kept
+    torch.testing.assert_close(r0["images"], ref["images"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(r0["labels"], ref["labels"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(r0["lr"], ref["lr"], rtol=1e-6, atol=1e-9)
+
+
+def test_sharded_expert_buffer_equals_single_process(datm_two_ranks, datm_reference):
+    from ddfast.distill.experts import train_experts
+
+    train = _datm_train()
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = train_experts(_datm_cfg().expert_recipe(), train.images, train.labels, 3)
+    finally:
+        torch.set_num_threads(old)
+    want = torch.stack([single.trajectory(k) for k in range(3)])
+    for res, info in datm_two_ranks:
+        assert torch.equal(res["experts_mem"], want)       # gathered in memory
+        assert torch.equal(res["experts_disk"], want)      # through the cache directory
+        assert torch.equal(res["datm_experts"], datm_reference["experts"])
+        assert sorted(info["manifest"]["stats"]) == ["0", "1", "2"]   # rank 1's expert statistics too
+        assert info["manifest"]["stats"] == {str(k): single.meta["stats"][str(k)] for k in range(3)}

@@ -111,27 +111,37 @@ at::Tensor gram(const at::Tensor& support_x) {
   return at::bmm(support_x, support_x.transpose(1, 2)).contiguous();
 }
 
-// pred = X_q (X_s^T alpha), or (X_q X_s^T) alpha when that is cheaper (n < C roughly).
+// GEMM layout: the narrow label dimension C (and n) is kept as the *leading* dimension of every product, e.g.
+// W^T = alpha^T X_s [B, C, p] instead of W = X_s^T alpha [B, p, C]. The maths is the same; BLAS libraries run
+// products with a narrow last output dimension far below peak on CPUs (measured on a 2-core EPYC with MKL:
+// alpha^T X_s 0.6 ms vs X_s^T alpha 15 ms at B=30, n=20, p=2048, C=10), and cuBLAS takes the transposes as flags.
+
+// pred = X_q (X_s^T alpha) computed as (W^T X_q^T)^T, or (X_q X_s^T) alpha = (alpha^T K_sq)^T when that is cheaper.
 at::Tensor predict_from_alpha(const at::Tensor& support_x, const at::Tensor& query_x, const at::Tensor& alpha) {
   const double n = support_x.size(1), p = support_x.size(2), m = query_x.size(1), C = alpha.size(2);
+  const at::Tensor alpha_t = alpha.transpose(1, 2);                          // [B, C, n]
+  at::Tensor pred_t;                                                          // [B, C, m]
   if ((n + m) * p * C <= m * n * (p + C)) {
-    return at::bmm(query_x, at::bmm(support_x.transpose(1, 2), alpha));
+    pred_t = at::bmm(at::bmm(alpha_t, support_x), query_x.transpose(1, 2));  // W^T X_q^T
+  } else {
+    pred_t = at::bmm(alpha_t, at::bmm(support_x, query_x.transpose(1, 2)));  // alpha^T K_sq
   }
-  return at::bmm(at::bmm(query_x, support_x.transpose(1, 2)), alpha);
+  return pred_t.transpose(1, 2).contiguous();
 }
 
-// [W | U] = X_s^T [alpha | beta] and dX_s = -(beta W^T + alpha U^T) (+ alpha V^T when V is defined).
+// [W | U]^T = [alpha | beta]^T X_s and dX_s = -(beta W^T + alpha U^T) (+ alpha V^T when V^T is defined).
+// V_t is V^T = G^T X_q [B, C, p] (or undefined); *W_t_out receives W^T [B, C, p].
 at::Tensor grad_support_x(const at::Tensor& support_x, const at::Tensor& alpha, const at::Tensor& beta,
-                          const at::Tensor& V, at::Tensor* W_out) {
+                          const at::Tensor& V_t, at::Tensor* W_t_out) {
   const int64_t C = alpha.size(2);
-  const at::Tensor ab = at::cat({alpha, beta}, 2);                 // [B, n, 2C]
-  const at::Tensor WU = at::bmm(support_x.transpose(1, 2), ab);     // [B, p, 2C]
-  const at::Tensor W = WU.narrow(2, 0, C), U = WU.narrow(2, C, C);
-  if (W_out) *W_out = W;
+  const at::Tensor ab = at::cat({alpha, beta}, 2);                          // [B, n, 2C]
+  const at::Tensor WU_t = at::bmm(ab.transpose(1, 2), support_x);           // [B, 2C, p]
+  const at::Tensor W_t = WU_t.narrow(1, 0, C), U_t = WU_t.narrow(1, C, C);
+  if (W_t_out) *W_t_out = W_t;
   // dX_s = [alpha | beta] [M_alpha | M_beta]^T with M_alpha = V - U (or -U), M_beta = -W
-  const at::Tensor Ma = V.defined() ? V - U : -U;
-  const at::Tensor M = at::cat({Ma, -W}, 2);                        // [B, p, 2C]
-  return at::bmm(ab, M.transpose(1, 2));
+  const at::Tensor Ma_t = V_t.defined() ? V_t - U_t : -U_t;
+  const at::Tensor M_t = at::cat({Ma_t, -W_t}, 1);                          // [B, 2C, p]
+  return at::bmm(ab, M_t);
 }
 
 }  // namespace
@@ -169,15 +179,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(const Backen
   const bool m_xs = output_mask[0], m_ys = output_mask[1], m_xq = output_mask[2], m_r = output_mask[3];
   at::Tensor d_xs = unused_grad(support_x), d_ys = unused_grad(support_x), d_xq = unused_grad(support_x),
              d_r = unused_grad(support_x);
-  at::Tensor V, beta, W;
+  at::Tensor V_t, beta, W_t;
   if (m_xs || m_ys || m_r) {
-    V = at::bmm(query_x.transpose(1, 2), grad_pred);                       // [B, p, C]
-    beta = be.solve(factor, at::bmm(support_x, V));                          // A^{-1} K_qs^T G
+    V_t = at::bmm(grad_pred.transpose(1, 2), query_x);                          // V^T = G^T X_q  [B, C, p]
+    beta = be.solve(factor, at::bmm(V_t, support_x.transpose(1, 2)).transpose(1, 2).contiguous());  // A^-1 X_s V
   }
-  if (m_xs) d_xs = grad_support_x(support_x, alpha, beta, V, &W);
+  if (m_xs) d_xs = grad_support_x(support_x, alpha, beta, V_t, &W_t);
   if (m_xq) {
-    if (!W.defined()) W = at::bmm(support_x.transpose(1, 2), alpha);
-    d_xq = at::bmm(grad_pred, W.transpose(1, 2));
+    if (!W_t.defined()) W_t = at::bmm(alpha.transpose(1, 2), support_x);        // W^T = alpha^T X_s [B, C, p]
+    d_xq = at::bmm(grad_pred, W_t);                                             // G W^T
   }
   if (m_ys) d_ys = beta;
   if (m_r) d_r = -(beta * alpha).sum({1, 2});

@@ -49,6 +49,18 @@ in network-input space: the synthetic images are stored after the transform, as 
 
 Randomness: every draw during initialisation and distillation comes from ``self.generator`` (checkpointed),
 the experts from ``expert_seed`` (:mod:`ddfast.distill.experts`), so a resumed run equals an uninterrupted one.
+
+Trajectory parallelism under ``torchrun`` (:mod:`ddfast.distributed`, ``W > 1`` processes). Every rank holds the
+whole synthetic set (broadcast from rank 0 after initialisation) and the same ``self.generator``. Each iteration
+draws ``W`` segments from it -- the next ``W`` experts of the shuffled order and ``W`` start epochs -- and one
+shared plan (batches, DSA seeds); rank ``r`` unrolls segment ``r``. Since every rank draws the same numbers, the
+generator, the expert order and the checkpoints stay identical on all ranks and resume stays exact; with
+``W = 1`` the draws are exactly the single-process ones. The gate is applied per segment: with ``L_r`` rank
+``r``'s matching loss and ``S = {r : L_r <= threshold}``, the images, labels and lr step with the gradient
+``(1 / |S|) sum_{r in S} grad_r`` (``grad_r`` includes ``extra_loss``'s gradient, the same on every rank),
+obtained with one :func:`ddfast.distributed.all_reduce_mean_` of the rank-scaled gradients; ``S`` empty is a
+fault (nothing updated). The reported ``loss`` and ``start_epoch`` are means over the ranks. The expert buffer is
+built sharded over the ranks (:func:`ddfast.distill.experts.train_experts`).
 """
 from __future__ import annotations
 
@@ -66,6 +78,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from .. import distributed as dd
 from ..augment import DSA, build_input_transform, transform_from_state_dict
 from ..io import load_safetensors, save_safetensors
 from ..models import functional_forward, get_model
@@ -502,6 +515,8 @@ class DATM(Distiller):
         self.faults = 0
         self._order = torch.randperm(self.experts.num_experts, generator=self.generator).tolist()
         self._pos = 0
+        # every rank starts from rank 0's set (guards against non-deterministic kernels); no-op in one process
+        dd.broadcast_(self._learnables() + [self.syn_lr])
 
     # ---- one iteration ---------------------------------------------------------------------------------------
     def _next_expert(self) -> int:
@@ -519,6 +534,21 @@ class DATM(Distiller):
             return cfg.max_start_epoch
         grow = int((cfg.max_start_epoch - cfg.current_max_start_epoch) * it / cfg.expansion_end_epoch)
         return min(cfg.current_max_start_epoch + grow, cfg.max_start_epoch)
+
+    def draw_segments(self, world: int = 1):
+        """The random draws of one iteration from ``self.generator``: ``world`` segments ``(expert, start_epoch)``
+        (the next ``world`` experts of the shuffled order, then ``world`` start epochs in
+        ``[min_start_epoch, start_epoch_upper(iteration))``) and the shared plan (:meth:`_plan`). Rank ``r`` of a
+        ``world``-process run unrolls segment ``r``; ``world = 1`` is the single-process step.
+
+        Returns:
+            ``(segments list[(int, int)], plan list[(int64 indices [batch], DSA seed int or None)])``.
+        """
+        cfg = self.config
+        experts = [self._next_expert() for _ in range(world)]
+        upper = self.start_epoch_upper(self.iteration)
+        starts = torch.randint(cfg.min_start_epoch, upper, (world,), generator=self.generator).tolist()
+        return list(zip(experts, starts)), self._plan()
 
     def _plan(self) -> List[Tuple[torch.Tensor, Optional[int]]]:
         """Per inner step: the batch indices and the DSA seed (drawn from ``self.generator``)."""
@@ -615,14 +645,15 @@ class DATM(Distiller):
     def step(self) -> Dict[str, float]:
         """One DATM iteration (module docstring). Returns ``loss`` (the matching loss), ``start_epoch``,
         ``expert``, ``fault`` (1.0 if the gate skipped the update), ``faults`` (total), ``lr`` (after the step)
-        and ``extra_loss``."""
+        and ``extra_loss``. Under ``torchrun``: ``loss`` and ``start_epoch`` are the means over the ranks,
+        ``expert`` is rank 0's, ``fault`` the fraction of the ranks' segments the gate rejected (the update is
+        skipped only at 1.0) and ``faults`` counts skipped iterations -- the same numbers on every rank."""
         cfg = self.config
-        k = self._next_expert()
-        upper = self.start_epoch_upper(self.iteration)
-        t = int(torch.randint(cfg.min_start_epoch, upper, (1,), generator=self.generator))
+        world = dd.world_size() if dd.is_distributed() else 1
+        segments, plan = self.draw_segments(world)
+        k, t = segments[dd.rank()]
         theta0 = self.experts.snapshot(k, t).to(self.device, torch.float32)
         target = self.experts.snapshot(k, t + cfg.expert_epochs).to(self.device, torch.float32)
-        plan = self._plan()
         opts = [o for o in (self.opt_img, self.opt_lr, self.opt_y) if o is not None]
         for o in opts:
             o.zero_grad(set_to_none=True)
@@ -637,14 +668,37 @@ class DATM(Distiller):
                 raise TypeError("extra_loss must return a scalar tensor")
             torch.autograd.backward(e, inputs=self._learnables())
             extra = float(e.detach())
-        fault = not (loss <= cfg.threshold)
-        if fault:
+        fault = 0.0 if loss <= cfg.threshold else 1.0
+        start = float(t)
+        if world > 1:
+            loss, fault = self._reduce_gradients(loss, fault == 0.0, world)
+            start = sum(s for _, s in segments) / world
+            k = segments[0][0]
+        if fault == 1.0:
             self.faults += 1
         else:
             for o in opts:
                 o.step()
-        return {"loss": loss, "start_epoch": float(t), "expert": float(k), "fault": float(fault),
+        return {"loss": loss, "start_epoch": start, "expert": float(k), "fault": fault,
                 "faults": float(self.faults), "lr": float(self.syn_lr.detach()), "extra_loss": extra}
+
+    def _reduce_gradients(self, loss: float, ok: bool, world: int) -> Tuple[float, float]:
+        """Trajectory-parallel gate and mean (module docstring): sums ``[loss, ok]`` over the ranks, scales this
+        rank's gradients by ``W / |S|`` (0 if its segment was rejected) and all-reduces their mean, which is
+        ``(1 / |S|) sum_{r in S} grad_r``. Returns ``(mean loss, fraction rejected)``; gradients are left
+        untouched when every segment was rejected (the caller skips the step)."""
+        stats = torch.tensor([loss, float(ok)], dtype=torch.float64, device=self.device)
+        dd.all_reduce_sum_([stats])
+        n_ok = int(round(float(stats[1])))
+        if n_ok > 0:
+            grads = [p.grad for p in self._learnables() + [self.syn_lr]]
+            scale = world / n_ok if ok else 0.0
+            if scale != 1.0:
+                for g in grads:
+                    if g is not None:
+                        g.mul_(scale)
+            dd.all_reduce_mean_(grads)
+        return float(stats[0]) / world, 1.0 - n_ok / world
 
     # ---- outputs and state ------------------------------------------------------------------------------------
     def eval_config(self) -> Dict[str, Any]:

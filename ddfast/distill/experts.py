@@ -39,6 +39,13 @@ Randomness and resume. Expert ``k`` takes its initial weights from the integer s
   (tensor ``trajectory`` ``float32 [E + 1, P]``). A resumed build equals an uninterrupted one bitwise on the
   same machine and thread count (tested).
 
+Under ``torchrun`` (:mod:`ddfast.distributed`) the experts are sharded over the ranks: rank ``r`` of ``W`` trains
+experts ``r, r + W, ...`` (:func:`ddfast.distributed.shard_indices`) with the same per-expert seeds, so the buffer
+is the single-process one. With a ``directory`` every rank writes only its own experts' files (the directory must
+be on a file system all ranks see, e.g. ``$DDFAST_CACHE`` shared between nodes); rank 0 alone writes
+``manifest.json`` (with every rank's statistics, gathered), and every rank then reads the whole buffer. Without
+a directory the trajectories are gathered in memory (:func:`ddfast.distributed.all_gather_object`).
+
 ``manifest.json`` in the buffer directory records the recipe, the cache key, ``P`` and per-expert training
 accuracy / loss per epoch (on the augmented training batches).
 """
@@ -59,6 +66,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import distributed as dd
 from ..augment import DSA
 from ..io import atomic_write_json, load_safetensors, save_safetensors
 from ..models import batched_forward, flat_params, functional_forward, get_model, has_batchnorm
@@ -417,6 +425,9 @@ def train_experts(recipe: ExpertRecipe, images: torch.Tensor, labels: torch.Tens
     Returns:
         :class:`ExpertBuffer` with ``recipe.num_experts`` trajectories of ``recipe.epochs + 1`` snapshots.
 
+    Distributed (module docstring): each rank trains its share of the experts, every rank returns the whole
+    buffer; ``log`` and ``on_epoch`` then see this rank's experts only.
+
     Raises:
         ValueError: bad recipe fields, shapes, a class with no samples, or a directory holding another buffer.
     """
@@ -450,7 +461,8 @@ def train_experts(recipe: ExpertRecipe, images: torch.Tensor, labels: torch.Tens
                                      "cache_dir or delete it")
             stats = old.get("stats", {})
         manifest["stats"] = stats
-        atomic_write_json(manifest, mpath)
+        if dd.is_main():
+            atomic_write_json(manifest, mpath)
 
     E, N = recipe.epochs, recipe.num_experts
     vm_ok = not has_batchnorm(template)
@@ -466,7 +478,7 @@ def train_experts(recipe: ExpertRecipe, images: torch.Tensor, labels: torch.Tens
 
     mem: Dict[int, List[torch.Tensor]] = {}
     progress = {k: _progress(directory, k, E) for k in range(N)}
-    pending = [k for k in range(N) if progress[k] <= E]
+    pending = [k for k in dd.shard_indices(N) if progress[k] <= E]  # this rank's unfinished experts
     # group experts by the epoch they continue from, then into chunks of `parallel`
     by_start: Dict[int, List[int]] = {}
     for k in pending:
@@ -507,7 +519,7 @@ def train_experts(recipe: ExpertRecipe, images: torch.Tensor, labels: torch.Tens
                         mem[k].append(W[i].detach().cpu())
                 say(f"experts {ks[0]}..{ks[-1]} epoch {e + 1}/{E}: loss {sum(losses) / len(losses):.4f}, "
                     f"train acc {sum(accs) / len(accs):.2f}% ({time.perf_counter() - t0:.0f} s)")
-                if directory is not None:
+                if directory is not None and dd.is_main():
                     manifest["stats"] = stats
                     atomic_write_json(manifest, os.path.join(directory, "manifest.json"))
                 if on_epoch is not None:
@@ -519,11 +531,25 @@ def train_experts(recipe: ExpertRecipe, images: torch.Tensor, labels: torch.Tens
                     save_safetensors({"trajectory": traj}, _final_path(directory, k),
                                      metadata={"expert": str(k), "epochs": str(E)})
                     shutil.rmtree(os.path.join(directory, f"expert_{k:04d}"), ignore_errors=True)
+    seconds = time.perf_counter() - t0
+    trajs = {k: torch.stack(mem[k]) for k in mem}  # without a directory: this rank's trajectories
+    if dd.is_distributed():  # all ranks get here once every expert is consolidated on disk (or in `trajs`)
+        owned = {str(k): stats[str(k)] for k in dd.shard_indices(N) if str(k) in stats}
+        parts = dd.all_gather_object((owned, trajs, seconds))
+        for part_stats, part_trajs, _ in parts:
+            stats.update(part_stats)
+            trajs.update(part_trajs)
+        stats = {str(k): stats[str(k)] for k in range(N) if str(k) in stats}
+        seconds = max(part[2] for part in parts)
+        if directory is not None:
+            if dd.is_main():
+                manifest["stats"] = stats
+                atomic_write_json(manifest, os.path.join(directory, "manifest.json"))
+            dd.barrier()
     meta = {"recipe": dataclasses.asdict(recipe), "key": key or {}, "stats": stats, "vmapped": vm,
-            "seconds": time.perf_counter() - t0, "directory": directory}
+            "seconds": seconds, "directory": directory}
     if directory is None:
-        traj = torch.stack([torch.stack(mem[k]) for k in range(N)])
-        return ExpertBuffer(trajectories=traj, meta=meta)
+        return ExpertBuffer(trajectories=torch.stack([trajs[k] for k in range(N)]), meta=meta)
     files = [_final_path(directory, k) for k in range(N)]
     buf = ExpertBuffer(files=files, num_epochs=E, num_params=P, meta=meta)
     if buf.nbytes() <= max_memory_bytes:
