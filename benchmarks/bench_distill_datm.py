@@ -29,7 +29,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import re
 import resource
 import subprocess
 import sys
@@ -38,21 +37,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
-    return int(m.group(1)) if m else -1
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+from harness import proc_status_kb as _status_kb, reset_peak_rss as _reset_hwm  # noqa: E402
 
 
 def child(args) -> dict:

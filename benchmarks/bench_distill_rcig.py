@@ -39,7 +39,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import re
 import resource
 import subprocess
 import sys
@@ -48,6 +47,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
+from harness import proc_status_kb as _status_kb, reset_peak_rss as _reset_hwm  # noqa: E402
 
 CONFIGS = {
     "quick": {},
@@ -60,21 +60,6 @@ _KRR = ("rcig/krr", "cholesky", "triangular", "linalg_solve", "kernel_ridge_regr
         "TriangularSolve")
 _NET = ("rcig/net", "rcig/pool", "conv", "Conv", "pool", "Pool", "softplus", "Softplus", "sigmoid", "Sigmoid",
         "relu", "Relu", "threshold", "Threshold")
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
-    return int(m.group(1)) if m else -1
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _classify(ev) -> str:

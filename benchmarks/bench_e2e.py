@@ -71,7 +71,6 @@ import io
 import json
 import math
 import os
-import re
 import resource
 import subprocess
 import sys
@@ -82,6 +81,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
+from harness import proc_status_kb as _status_kb, reset_peak_rss as _reset_hwm  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -806,21 +806,6 @@ def time_alternating(provs: Dict[str, Callable], iters: int, reverse: bool = Fal
         for k, fn in provs.items():
             times[k] += time_fn(fn, dev, warmup=0, repeats=1, min_time_s=0.0)
     return times
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
-    return int(m.group(1)) if m else -1
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def mem_child(method: str, provider: str, iters: int, threads: int) -> dict:

@@ -298,3 +298,24 @@ def main_for(cases: Sequence[BenchCase], argv=None):
         append_rows(all_rows)
         print(f"appended {len(all_rows)} rows to {RESULTS_CSV}")
     return all_rows
+
+# --------------------------------------------------------------------------------------------------------------
+# CPU peak memory of one process (Linux): read /proc/self/status fields, reset the resident high-water mark
+def proc_status_kb(field: str) -> int:
+    """``/proc/self/status`` field (``"VmHWM"``, ``"VmRSS"``) in kB, or -1 where it is missing."""
+    import re
+
+    with open("/proc/self/status") as f:
+        m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
+    return int(m.group(1)) if m else -1
+
+
+def reset_peak_rss() -> bool:
+    """Resets the process's resident-set high-water mark (``echo 5 > /proc/self/clear_refs``, Linux >= 4.0);
+    False where that is not possible (then ``ru_maxrss`` is the only peak there is)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
