@@ -81,10 +81,16 @@ def _worker(rank, world, port, out_dir):
     dd.destroy()
 
 
+def _spawn_two(worker, tmp_path_factory, name: str) -> str:
+    """Runs ``worker(rank, 2, port, out)`` in 2 gloo processes; returns their output folder."""
+    out = str(tmp_path_factory.mktemp(name))
+    mp.spawn(worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    return out
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("dist"))
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    out = _spawn_two(_worker, tmp_path_factory, "dist")
     return [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(2)]
 
 
@@ -226,8 +232,7 @@ def _datm_worker(rank, world, port, out_dir):
 
 @pytest.fixture(scope="module")
 def datm_two_ranks(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("dist_datm"))
-    mp.spawn(_datm_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    out = _spawn_two(_datm_worker, tmp_path_factory, "dist_datm")
     return [(torch.load(os.path.join(out, f"datm{r}.pt"), weights_only=True),
              json.load(open(os.path.join(out, f"datm{r}.json")))) for r in range(2)]
 
