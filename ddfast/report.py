@@ -31,6 +31,7 @@ __all__ = [
     "synset_input_transform",
     "synset_pixels",
     "save_synset_grid",
+    "synset_grid_rows",
     "plot_curves",
     "plot_tad_rounds",
     "render_report",
@@ -94,27 +95,50 @@ def synset_pixels(syn) -> torch.Tensor:
     return x.clamp(0.0, 1.0)
 
 
+def synset_grid_rows(syn) -> torch.Tensor:
+    """``int64 [M]``: the grid row (class) of each synthetic image. Hard labels are their own row. Soft labels
+    use the class the image was distilled for: every ddfast distiller stores its images class-major, ``M / C``
+    per class, so image ``i`` is row ``i // (M / C)`` even when training has moved its label's argmax to another
+    class (DATM's learned soft labels do); when ``M`` is not a multiple of ``C``, the argmax."""
+    y = syn.hard_labels().cpu()
+    C, M = int(syn.num_classes), len(y)
+    if getattr(syn, "soft", False) and M and M % C == 0:
+        return torch.arange(M) // (M // C)
+    return y
+
+
 def save_synset_grid(syn, path: str, max_per_class: int = 10) -> str:
-    """Writes a PNG grid of the synthetic images: one row per class (by hard label), at most
-    ``max_per_class`` per row, pixels shown as in the data (ZCA and normalisation undone). Returns ``path``."""
+    """Writes a PNG grid of the synthetic images: one row per class (:func:`synset_grid_rows`), at most
+    ``max_per_class`` per row, pixels shown as in the data (ZCA and normalisation undone). An image whose soft
+    label's argmax is not its row's class gets a red frame. Returns ``path``."""
     from torchvision.utils import make_grid, save_image
 
     x = synset_pixels(syn)
-    y = syn.hard_labels().cpu()
+    rows_of = synset_grid_rows(syn)
+    drifted = syn.hard_labels().cpu() != rows_of
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    x = x.clone()
+    scale = max(1, 64 // max(1, x.shape[-1]))  # make tiny images (8x8 digits) visible
+    if scale > 1:
+        x = torch.nn.functional.interpolate(x, scale_factor=scale, mode="nearest")
+    if x.shape[1] == 3 and bool(drifted.any()):
+        w = max(1, x.shape[-1] // 16)
+        red = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1)
+        for i in torch.nonzero(drifted).flatten().tolist():
+            for sl in ((slice(None), slice(0, w)), (slice(None), slice(-w, None)),
+                       (slice(0, w), slice(None)), (slice(-w, None), slice(None))):
+                x[i, :, sl[0], sl[1]] = red
     C = int(syn.num_classes)
+    ncol = max(1, min(max_per_class, max(int((rows_of == c).sum()) for c in range(C)) if len(rows_of) else 1))
+    blank = torch.ones_like(x[:1]) if len(x) else torch.ones(1, 3, 8, 8)
     rows: List[torch.Tensor] = []
-    ncol = max(1, min(max_per_class, max(int((y == c).sum()) for c in range(C)) if len(y) else 1))
-    blank = torch.ones_like(x[:1]) if len(x) else torch.ones(1, 1, 8, 8)
     for c in range(C):
-        xc = x[y == c][:ncol]
+        xc = x[rows_of == c][:ncol]
         if xc.shape[0] < ncol:
             xc = torch.cat([xc, blank.expand(ncol - xc.shape[0], *blank.shape[1:])])
         rows.append(xc)
-    grid_in = torch.cat(rows)
-    scale = max(1, 64 // max(1, x.shape[-1]))  # make tiny images (8x8 digits) visible
-    if scale > 1:
-        grid_in = torch.nn.functional.interpolate(grid_in, scale_factor=scale, mode="nearest")
-    grid = make_grid(grid_in, nrow=ncol, padding=2, pad_value=1.0)
+    grid = make_grid(torch.cat(rows), nrow=ncol, padding=2, pad_value=1.0)
     with atomic_open(path, "wb") as f:
         save_image(grid, f, format="png")
     return path

@@ -304,3 +304,43 @@ def test_evaluation_during_distillation_is_plotted(tmp_path):
     assert [e["iteration"] for e in h if "test_acc" in e] == [2, 4]
     assert (tmp_path / "r" / "plots" / "accuracy.png").exists()
     assert m["files"]["plots"]["accuracy"] == os.path.join("plots", "accuracy.png")
+
+
+def test_synset_grid_rows_by_distilled_class_and_frames_drifted_labels(tmp_path):
+    """Soft labels whose argmax moved to another class stay in the row of the class they were distilled for
+    (no blank cells, no hidden images) and are framed in red; hard labels are their own row."""
+    from torchvision.io import read_image
+
+    from ddfast.report import save_synset_grid, synset_grid_rows
+
+    C, ipc, s = 3, 2, 16
+    images = torch.zeros(C * ipc, 1, s, s)
+    for i in range(C * ipc):
+        images[i, :, 4:12, 4:12] = (i + 1) / (C * ipc)  # a distinct grey square per image
+    logits = torch.full((C * ipc, C), -5.0)
+    logits[torch.arange(C * ipc), torch.arange(C * ipc) // ipc] = 5.0
+    logits[1] = torch.tensor([0.0, 0.0, 9.0])  # image 1 was distilled for class 0; its argmax is now class 2
+    syn = SyntheticSet(images=images, labels=logits, num_classes=C, ipc=ipc, method="fake")
+    assert synset_grid_rows(syn).tolist() == [0, 0, 1, 1, 2, 2]
+    hard = SyntheticSet(images=images, labels=torch.tensor([0, 2, 1, 1, 2, 0]), num_classes=C, ipc=ipc,
+                        method="fake")
+    assert synset_grid_rows(hard).tolist() == [0, 2, 1, 1, 2, 0]
+
+    img = read_image(save_synset_grid(syn, str(tmp_path / "g.png"))).float() / 255  # [3, H, W]
+    scale = 64 // s
+    cell, pad = s * scale, 2
+    assert img.shape[1:] == (pad + C * (cell + pad), pad + ipc * (cell + pad))
+
+    def cell_at(r, c):
+        y0, x0 = pad + r * (cell + pad), pad + c * (cell + pad)
+        return img[:, y0:y0 + cell, x0:x0 + cell]
+
+    red = torch.tensor([1.0, 0.0, 0.0]).view(3, 1)
+    for r in range(C):
+        for c in range(ipc):
+            i = r * ipc + c
+            px = cell_at(r, c)
+            centre = px[:, cell // 2, cell // 2]
+            assert torch.allclose(centre, torch.full((3,), float(int((i + 1) / (C * ipc) * 255 + 0.5)) / 255), atol=1e-6)
+            framed = bool(torch.allclose(px[:, 0, :], red.expand(3, cell)))
+            assert framed == (i == 1), (r, c)
