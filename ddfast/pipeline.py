@@ -722,6 +722,12 @@ def _jsonable(v):
 # ----------------------------------------------------------------------------------------------------------
 # baselines
 # ----------------------------------------------------------------------------------------------------------
+def _random_subset_config(eval_cfg, syn, opts: Dict[str, Any]):
+    """The random-subset baseline's EvalConfig: the method's protocol, with ``random_lr`` in place of a learned
+    lr (DATM's learned lr belongs to the synthetic set, not to real images)."""
+    return eval_cfg.replace(lr=float(opts["random_lr"])) if syn.lr is not None else eval_cfg
+
+
 def _baseline_options(cfg: RunConfig) -> Dict[str, Any]:
     b = dict(BASELINE_DEFAULTS)
     b.update(cfg.overrides.get("baseline", {}))
@@ -755,7 +761,7 @@ def _run_baseline(name: str, cfg: RunConfig, train, test, noisy, syn, eval_cfg, 
     if name == "random_subset":
         # the method's protocol on ipc random real images per noisy class (a new subset per run: the spread
         # includes the draw); a learned lr (DATM) does not apply to real images: random_lr instead
-        rcfg = eval_cfg.replace(lr=float(opts["random_lr"])) if syn.lr is not None else eval_cfg
+        rcfg = _random_subset_config(eval_cfg, syn, opts)
         t0 = time.perf_counter()
         bar = tqdm(total=rcfg.num_runs, desc="baseline random subset", unit="run", disable=not show, leave=False,
                    dynamic_ncols=True)
@@ -805,6 +811,9 @@ def _run_baseline(name: str, cfg: RunConfig, train, test, noisy, syn, eval_cfg, 
 
 
 def _baseline_cache_key(name: str, cfg: RunConfig, train, noise_facts, eval_cfg, transform_kind: str) -> Dict[str, Any]:
+    """What a cached baseline result depends on. ``eval_cfg`` is the configuration the baseline itself trains
+    with (for the random subset: :func:`_random_subset_config`, so a learned lr that the baseline does not use
+    does not split the cache)."""
     key = {"baseline": name, "dataset": train.name, "n_train": len(train), "noise": noise_facts["spec"],
            "noise_seed": noise_facts["seed"], "labels": noise_facts["labels_digest"],
            "data": cfg.overrides.get("data", {}), "seed": int(cfg.seed), "ddfast": __version__}
@@ -943,7 +952,8 @@ def run(cfg: RunConfig, argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             stages.record(sname, prev_stages.get(sname, {"seconds": results[name].get("seconds")}))
             stages.stages[sname]["resumed"] = True
             continue
-        key = _baseline_cache_key(name, cfg, train, noise_facts, eval_cfg, transform_kind)
+        base_cfg = _random_subset_config(eval_cfg, syn, _baseline_options(cfg)) if name == "random_subset" else eval_cfg
+        key = _baseline_cache_key(name, cfg, train, noise_facts, base_cfg, transform_kind)
         cpath = os.path.join(cache_dir, "baselines", f"{name}-{_digest(key)}.json")
         if os.path.exists(cpath):
             try:

@@ -397,6 +397,10 @@ def render_report(m: Dict[str, Any]) -> str:
             out.append("")
             out.append("Precision/recall: of the trusted set as a detector of clean labels (ground truth known for "
                        "synthetic noise); pseudo-label accuracy: of the labels TAD gave to recalled samples.")
+            per_class = _tad_per_class(rounds[-1], ds.get("classes") or [])
+            if per_class:
+                out.append("")
+                out.append(per_class)
         else:
             out.append("(no rounds recorded)")
         if tad.get("summary"):
@@ -456,6 +460,29 @@ def render_report(m: Dict[str, Any]) -> str:
 _TAD_PREFERRED = ("n_trusted", "trusted_fraction", "precision", "recall", "n_recalled", "pseudo_label_accuracy",
                   "label_accuracy_after", "cleanlab_precision", "cleanlab_recall", "scorer_accuracy",
                   "start_iteration", "end_iteration", "seconds")
+
+
+def _tad_per_class(last: Dict[str, Any], classes: Sequence[str]) -> str:
+    """The last round's trusted set per class: size, and (clean labels known) precision and coverage."""
+    counts = last.get("trusted_per_class")
+    if not counts or len(counts) > 100:
+        return ""
+    names = [str(c) for c in (classes if len(classes) == len(counts) else range(len(counts)))]
+    prec, cover = last.get("precision_per_class"), last.get("coverage_per_class")
+    head = ["class", "trusted"]
+    if prec and cover:
+        head += ["precision", "coverage of the class"]
+    rows = []
+    for c, n in enumerate(counts):
+        row = [names[c], n]
+        if prec and cover:
+            row += [f"{prec[c]:.3f}", f"{cover[c]:.3f}"]
+        rows.append(row)
+    text = [f"Trusted set per class after round {last.get('round', '?')} (by the label the distiller sees)"
+            + ("; coverage: the share of all images of the class that are trusted with their true label -- a "
+               "class covered only by its easy images is what the diverted distiller learns it from." if prec else "."),
+            "", _table(head, rows)]
+    return "\n".join(text)
 
 
 def _tad_columns(rounds: Sequence[Dict[str, Any]]) -> List[str]:

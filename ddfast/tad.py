@@ -176,7 +176,14 @@ class TADConfig:
             ones are added when the GMM leaves fewer); ``run_tad`` raises it to the distiller's IPC. Default 1.
 
     Diversion (what the distiller sees; noisy-labels.md §3):
-        divert_pool: expert trajectories (DATM) / model pool (DANCE, RCIG) trained on the trusted view.
+        divert_pool: expert trajectories (DATM) / model pool (DANCE, RCIG) trained on the trusted view
+            (``True``), on the plain noisy set (``False``), or on *every* sample with TAD's labels (``"relabel"``:
+            recalled samples carry their pseudo-labels, no sample is dropped). Measured with DATM (Fashion-MNIST,
+            sym 0.4, quick, IPC 10; benchmarks/RESULTS.md "Why TAD lowers DATM"): experts on the trusted view
+            lose the hard clean samples of the hard classes (the trusted set holds 34 % of all Shirt images
+            against 91 % of all Trouser images) and the distilled set drops from 77.33 % (``False``; base DATM
+            77.35 %) to 75.67 % (``True``); ``"relabel"`` gives 76.57 %. Default ``True`` (the paper's design; for
+            DATM at CPU scale, ``False`` is the measured better choice).
         divert_init: synthetic images (and DATM's label logits) initialised from the trusted view.
         divert_real: real batches / per-class statistics of distillation steps from the trusted view.
         pass_weights: hand the GMM posteriors (1 for recalled samples) to the distiller as ``weights``.
@@ -234,7 +241,7 @@ class TADConfig:
     require_agreement: bool = True
     recall_ratio: float = 0.7
     min_trusted_per_class: int = 1
-    divert_pool: bool = True
+    divert_pool: Union[bool, str] = True
     divert_init: bool = True
     divert_real: bool = True
     pass_weights: bool = True
@@ -310,7 +317,9 @@ class TADConfig:
         boolf("require_agreement")
         realf("recall_ratio", 0.0, 1.0, lo_open=True)
         intf("min_trusted_per_class", 0)
-        for name in ("trust_agreement", "divert_pool", "divert_init", "divert_real", "pass_weights",
+        if not (isinstance(self.divert_pool, bool) or self.divert_pool == "relabel"):
+            raise ValueError(f"TADConfig.divert_pool must be True, False or 'relabel', got {self.divert_pool!r}")
+        for name in ("trust_agreement", "divert_init", "divert_real", "pass_weights",
                      "consistency_label_grad",
                      "cleanlab"):
             boolf(name)
@@ -744,12 +753,24 @@ def kfold_pred_probs(scorer: TrustScorer, images: torch.Tensor, labels: torch.Te
 # ----------------------------------------------------------------------------------------------------------
 # diversion
 # ----------------------------------------------------------------------------------------------------------
-def diverted_view(train: TrainSet, state: Optional[TrustState], divert: bool, pass_weights: bool = True) -> TrainSet:
-    """The TrainSet a distiller part sees: with ``divert`` and a state, ``trusted_mask = state.trusted``,
-    ``replacement_labels = state.replacement`` and (``pass_weights``) ``weights = state.weights``; otherwise
-    the plain noisy set (trust fields cleared) [ddfast]."""
+def diverted_view(train: TrainSet, state: Optional[TrustState], divert: Union[bool, str],
+                  pass_weights: bool = True) -> TrainSet:
+    """The TrainSet a distiller part sees [ddfast]:
+
+    - ``divert=True`` and a state: ``trusted_mask = state.trusted``, ``replacement_labels = state.replacement``
+      and (``pass_weights``) ``weights = state.weights`` -- the trusted view;
+    - ``divert="relabel"`` and a state: every sample (no mask, no weights) with ``replacement_labels =
+      state.replacement`` -- the noisy set with TAD's pseudo-labels applied;
+    - otherwise the plain noisy set (trust fields cleared).
+
+    Raises ``ValueError`` for any other ``divert``."""
+    if not (isinstance(divert, bool) or divert == "relabel"):
+        raise ValueError(f"divert must be True, False or 'relabel', got {divert!r}")
     if not divert or state is None:
         return dataclasses.replace(train, weights=None, trusted_mask=None, replacement_labels=None)
+    if divert == "relabel":
+        return dataclasses.replace(train, weights=None, trusted_mask=None,
+                                   replacement_labels=state.replacement.clone())
     return dataclasses.replace(train, trusted_mask=state.trusted.clone(), replacement_labels=state.replacement.clone(),
                                weights=state.weights.clone() if pass_weights else None)
 
@@ -1228,6 +1249,9 @@ class _TADRun:
             "trusted_fraction": float(trusted.double().mean()),
             "gmm_shrinkage": (rec["shrinkage"] if rec is not None else None),
             "scorer_agreement": _acc(pred, labels),
+            # per class (by the label the distiller sees): a trusted set that covers a hard class only by its
+            # easy samples starves that class in the diverted distiller (benchmarks/RESULTS.md)
+            "trusted_per_class": torch.bincount(new_labels[trusted], minlength=C).tolist(),
         }
         if self.clean is not None:
             y = self.clean
@@ -1246,6 +1270,13 @@ class _TADRun:
                 "candidate_pseudo_accuracy": (_acc(rec["pseudo"][untrusted], y[untrusted]) if rec is not None else None),
                 "candidate_label_accuracy": _acc(labels[untrusted], y[untrusted]),
             })
+            right = trusted & correct_after
+            per_true = torch.bincount(y, minlength=C).clamp_min(1).double()
+            per_t = torch.bincount(new_labels[trusted], minlength=C).clamp_min(1).double()
+            hits = torch.bincount(new_labels[right], minlength=C).double()
+            # coverage: of all images whose true class is c, the share in T with the right label
+            diag["coverage_per_class"] = (hits / per_true).tolist()
+            diag["precision_per_class"] = (hits / per_t).tolist()
         t0 = time.perf_counter()
         if cfg.cleanlab:
             probs = torch.softmax(logits.double(), 1)

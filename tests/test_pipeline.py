@@ -89,6 +89,20 @@ def test_report_sections(finished):
     assert f"{m['results']['distilled']['mean']:.2f}" in text
 
 
+def test_report_tad_per_class_table():
+    from ddfast.report import render_report
+
+    last = {"round": 2, "n_trusted": 7, "trusted_per_class": [4, 3], "precision_per_class": [1.0, 2 / 3],
+            "coverage_per_class": [0.4, 0.25]}
+    m = {"dataset": {"classes": ["cat", "dog"]}, "tad": {"enabled": True, "rounds": [last]}}
+    text = render_report(m)
+    assert "Trusted set per class after round 2" in text
+    assert "| cat | 4 | 1.000 | 0.400 |" in text and "| dog | 3 | 0.667 | 0.250 |" in text
+    # without clean labels only the sizes are shown
+    text = render_report({"dataset": {}, "tad": {"enabled": True, "rounds": [{"trusted_per_class": [4, 3]}]}})
+    assert "| 0 | 4 |" in text and "precision" not in text.split("Trusted set per class")[1].split("\n\n")[1]
+
+
 def test_finished_run_is_not_recomputed(finished, monkeypatch):
     out, m = finished
     monkeypatch.setattr(pipeline, "_distill", lambda *a, **k: pytest.fail("distilled again"))

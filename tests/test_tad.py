@@ -24,7 +24,7 @@ from ddfast.augment import Normalize
 from ddfast.data import load_dataset
 from ddfast.distill.base import DistillConfig, Distiller, SyntheticSet, TrainSet
 from ddfast.noise import corrupt_labels
-from ddfast.tad import TADConfig, run_tad, tad_partition
+from ddfast.tad import TADConfig, diverted_view, run_tad, tad_partition
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -80,7 +80,7 @@ CASES = [("digits", "sym:0.4"), ("digits", "asym:0.4"),
     ("trust_update", "shrink"), ("covariance", "oas"), ("shrinkage", 1.5), ("maha_quantile", 0.0),
     ("kappa", 1.5), ("recall", 1), ("consistency_lambda", -1.0), ("consistency_dsa", "color_warp"),
     ("consistency_target", "logits"), ("cleanlab_folds", 1), ("seed", 1.5), ("min_trusted_per_class", -1),
-    ("divert_pool", "yes"), ("warmup_epochs", float("nan")), ("recall_ratio", 0.0), ("recall_ratio", 1.1),
+    ("divert_pool", "yes"), ("divert_pool", 1), ("warmup_epochs", float("nan")), ("recall_ratio", 0.0), ("recall_ratio", 1.1),
     ("trust_statistic", "entropy"),
 ])
 def test_bad_config_names_the_field(field, value):
@@ -151,6 +151,25 @@ def test_cleanlab_is_reported_side_by_side():
     for d in res.rounds:
         assert 0 < d["cleanlab_n_clean"] <= d["n"]
         assert 0.0 <= d["cleanlab_precision"] <= 1.0 and 0.0 <= d["cleanlab_recall"] <= 1.0
+
+
+@pytest.mark.parametrize("name,spec", CASES[:2])
+def test_per_class_diagnostics_match_a_slow_loop(name, spec):
+    res = partition_run(name, spec)
+    ts, nl = noisy_data(name, spec, 0)
+    last = res.rounds[-1]
+    eff = res.state.effective_labels(ts.labels).tolist()
+    trusted = res.state.trusted.tolist()
+    clean = nl.clean_labels.tolist()
+    C = ts.num_classes
+    for c in range(C):
+        n_t = sum(1 for i in range(len(eff)) if trusted[i] and eff[i] == c)
+        hits = sum(1 for i in range(len(eff)) if trusted[i] and eff[i] == c and clean[i] == c)
+        n_c = sum(1 for y in clean if y == c)
+        assert last["trusted_per_class"][c] == n_t
+        assert last["coverage_per_class"][c] == pytest.approx(hits / n_c)
+        assert last["precision_per_class"][c] == pytest.approx(hits / n_t)
+    assert sum(last["trusted_per_class"]) == last["n_trusted"]
 
 
 def test_cleanlab_detector_matches_find_label_issues():
@@ -486,6 +505,22 @@ def test_each_diversion_switch(part):
         diverted = all(s["masked"] for s in d.seen[h])
         assert diverted == (h != hook), (part, h)
     assert all(s["n"] == 1437 for s in d.seen[hook])
+
+
+def test_relabel_pool_sees_every_sample_with_the_pseudo_labels():
+    d, res = _tiny_run(consistency_lambda=0.0, divert_pool="relabel")
+    n_pseudo = int((res.state.replacement >= 0).sum())
+    assert n_pseudo > 0
+    (pool,) = d.seen["prepare"]
+    # no sample dropped, no weights, every pseudo-label applied; the other parts still see the trusted view
+    assert pool == {"n": 1437, "masked": False, "weights": False, "relabelled": n_pseudo}
+    assert all(s["masked"] and s["n"] == int(res.state.trusted.sum()) for s in d.seen["step"])
+    ts = noisy_data("digits", "sym:0.4")[0]
+    view = diverted_view(ts, res.state, "relabel")
+    assert torch.equal(view.effective_labels(), res.state.effective_labels(ts.labels))
+    assert torch.equal(view.effective_indices(), torch.arange(1437))
+    with pytest.raises(ValueError, match="divert"):
+        diverted_view(ts, res.state, "trusted")
 
 
 def test_pass_weights_switch():
