@@ -181,14 +181,14 @@ def _cmd_run(args, argv) -> int:
 
 
 def _print_summary(m: Dict[str, Any]) -> None:
-    from .report import BASELINE_TITLES, fmt_acc
+    from .report import baseline_title, fmt_acc
 
     res = m.get("results", {})
     out = m.get("files", {}).get("out_dir", "")
     lines = [f"ddfast: {m.get('command')}"]
     for k in ("distilled", "random_subset", "full_noisy", "noisy_learner", "full_clean"):
         if k in res:
-            lines.append(f"  {BASELINE_TITLES.get(k, k):40s} {fmt_acc(res[k]):>16s} %")
+            lines.append(f"  {baseline_title(k, (m.get('noise') or {}).get('spec')):40s} {fmt_acc(res[k]):>16s} %")
     lines.append(f"  report: {os.path.join(out, 'report.md')}  ({m.get('total_seconds', 0):.0f} s)")
     print("\n".join(lines))
 

@@ -782,7 +782,8 @@ def _run_baseline(name: str, cfg: RunConfig, train, test, noisy, syn, eval_cfg, 
         res = EvalResult.from_accs([g[0] for g in got], max(dd.all_gather_object(time.perf_counter() - t0)), info)
         share = f", {100 * info['subset_clean_share']:.0f} % of their labels correct" if shares else ""
         return _result_dict(res, n_images=int(cfg.ipc * train.num_classes),
-                            description=f"{cfg.ipc} random real images per noisy class{share}; the method's "
+                            description=f"{cfg.ipc} random real images per "
+                                        f"{'class' if str(noisy.spec) == 'none' else 'noisy class'}{share}; the method's "
                                         f"protocol, lr {rcfg.lr:g}")
     if name not in ("full_noisy", "full_clean", "noisy_learner"):
         raise UsageError(f"unknown baseline {name!r}")

@@ -37,6 +37,7 @@ __all__ = [
     "render_report",
     "sweep_table",
     "BASELINE_TITLES",
+    "baseline_title",
     "fmt_acc",
 ]
 
@@ -48,6 +49,17 @@ BASELINE_TITLES = {
     "noisy_learner": "noisy-label learner on the full set",
     "full_clean": "full clean training set (oracle)",
 }
+
+#: the same rows when the run adds no label noise (``--noise none``)
+_CLEAN_TITLES = {"random_subset": "random real subset", "full_noisy": "full training set",
+                 "noisy_learner": "noisy-label learner on the full set (clean labels)"}
+
+
+def baseline_title(key: str, noise_spec: Optional[str] = None) -> str:
+    """Row title of a ``results`` key; without label noise (``noise_spec == "none"``) the titles drop "noisy"."""
+    if noise_spec == "none" and key in _CLEAN_TITLES:
+        return _CLEAN_TITLES[key]
+    return BASELINE_TITLES.get(key, key)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -340,7 +352,7 @@ def render_report(m: Dict[str, Any]) -> str:
         r = res.get(key)
         if not r:
             continue
-        title = BASELINE_TITLES.get(key, key)
+        title = baseline_title(key, (m.get("noise") or {}).get("spec"))
         if key == "distilled":
             title = f"**{method} distilled set**"
         what = r.get("description", "")

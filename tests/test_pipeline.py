@@ -103,6 +103,18 @@ def test_report_tad_per_class_table():
     assert "| 0 | 4 |" in text and "precision" not in text.split("Trusted set per class")[1].split("\n\n")[1]
 
 
+def test_report_titles_without_label_noise():
+    from ddfast.report import baseline_title, render_report
+
+    res = {"random_subset": {"mean": 70.0, "std": 1.0, "accs": [69.0, 71.0]}}
+    clean = render_report({"noise": {"spec": "none"}, "results": res})
+    noisy = render_report({"noise": {"spec": "sym:0.4"}, "results": res})
+    assert "| random real subset |" in clean and "(noisy labels)" not in clean
+    assert "| random real subset (noisy labels) |" in noisy
+    assert baseline_title("full_noisy", "none") == "full training set"
+    assert baseline_title("full_noisy", "asym:0.2") == "full noisy training set"
+
+
 def test_finished_run_is_not_recomputed(finished, monkeypatch):
     out, m = finished
     monkeypatch.setattr(pipeline, "_distill", lambda *a, **k: pytest.fail("distilled again"))
