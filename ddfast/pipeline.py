@@ -749,7 +749,8 @@ def full_baseline_config(opts: Dict[str, Any], device, num_classes: int, seed: i
 def _run_baseline(name: str, cfg: RunConfig, train, test, noisy, syn, eval_cfg, transform, device,
                   quiet: bool) -> Dict[str, Any]:
     """One baseline's result dict (mean/std/accs in %, seconds, description), computed with
-    :mod:`ddfast.baselines`' definitions; runs are sharded over ranks under torchrun and show progress."""
+    :mod:`ddfast.baselines`' definitions; runs are sharded over ranks under torchrun and show progress.
+    ``eval_cfg`` is the configuration the random subset trains with (:func:`_random_subset_config`)."""
     from tqdm.auto import tqdm
 
     from . import baselines as bl
@@ -760,8 +761,8 @@ def _run_baseline(name: str, cfg: RunConfig, train, test, noisy, syn, eval_cfg, 
     show = not quiet and dd.is_main()
     if name == "random_subset":
         # the method's protocol on ipc random real images per noisy class (a new subset per run: the spread
-        # includes the draw); a learned lr (DATM) does not apply to real images: random_lr instead
-        rcfg = _random_subset_config(eval_cfg, syn, opts)
+        # includes the draw); eval_cfg is already _random_subset_config's (random_lr for a learned lr)
+        rcfg = eval_cfg
         t0 = time.perf_counter()
         bar = tqdm(total=rcfg.num_runs, desc="baseline random subset", unit="run", disable=not show, leave=False,
                    dynamic_ncols=True)
@@ -969,7 +970,7 @@ def run(cfg: RunConfig, argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             except (ValueError, KeyError):
                 pass
         _say(cfg, f"baseline {name} ...")
-        r = stages.run(sname, lambda: _run_baseline(name, cfg, train, test, noisy, syn, eval_cfg, transform,
+        r = stages.run(sname, lambda: _run_baseline(name, cfg, train, test, noisy, syn, base_cfg, transform,
                                                    device, cfg.quiet))
         results[name] = r
         rd.save(sname, r)

@@ -1242,6 +1242,7 @@ class _TADRun:
         secs["cpu"] = time.process_time() - cpu0
         new_labels = torch.where(replacement >= 0, replacement, train.labels)
 
+        trusted_per_class = torch.bincount(new_labels[trusted], minlength=C)
         diag: Dict[str, Any] = {
             "round": r, "n": N, "n_trusted_gmm": int(trusted_gmm.sum()), "n_fallback": int(n_fallback),
             "n_kept": int(kept.sum()), "n_untrusted": int((~base).sum()), "n_recalled": int(recalled.sum()),
@@ -1251,7 +1252,7 @@ class _TADRun:
             "scorer_agreement": _acc(pred, labels),
             # per class (by the label the distiller sees): a trusted set that covers a hard class only by its
             # easy samples starves that class in the diverted distiller (benchmarks/RESULTS.md)
-            "trusted_per_class": torch.bincount(new_labels[trusted], minlength=C).tolist(),
+            "trusted_per_class": trusted_per_class.tolist(),
         }
         if self.clean is not None:
             y = self.clean
@@ -1272,7 +1273,7 @@ class _TADRun:
             })
             right = trusted & correct_after
             per_true = torch.bincount(y, minlength=C).clamp_min(1).double()
-            per_t = torch.bincount(new_labels[trusted], minlength=C).clamp_min(1).double()
+            per_t = trusted_per_class.clamp_min(1).double()
             hits = torch.bincount(new_labels[right], minlength=C).double()
             # coverage: of all images whose true class is c, the share in T with the right label
             diag["coverage_per_class"] = (hits / per_true).tolist()
