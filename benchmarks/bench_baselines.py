@@ -1,4 +1,4 @@
-"""Baselines on Fashion-MNIST (CPU): the "Done when" measurements of issue 3.
+"""Baselines on Fashion-MNIST (CPU): the measurements of benchmarks/RESULTS.md, "Data, noise and the evaluation harness".
 
 Runs, on the real Fashion-MNIST files, with ddfast's harness (``ddfast.evaluate`` / ``ddfast.baselines``):
 

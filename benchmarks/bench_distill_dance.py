@@ -5,7 +5,7 @@ Cases (Fashion-MNIST shapes, 1x28x28, 10 classes, IPC 10, factor 2 -> 40 decoded
 
 - ``quick``: the quick preset's network (ConvNet-3 width 32), batch_real 64;
 - ``full``: the full preset (ConvNet-3 width 128, batch_real 128, batch_syn_max 200);
-- ``full-batched``: the full preset with ``batched_classes=True`` (one forward per view, distillers.md §2.8).
+- ``full-batched``: the full preset with ``batched_classes=True`` (one forward per view).
 
 The pool is made of randomly initialised models (init and "final" = two different random draws): a step
 costs the same whatever the weights, and no pretraining is needed. The real images are Fashion-MNIST's
@@ -46,9 +46,9 @@ sys.path.insert(0, os.path.dirname(HERE))
 import harness  # noqa: E402
 
 CASES = {
-    "quick": dict(net_width=32, batch_real=64, batched_classes=False),
-    "full": dict(net_width=128, batch_real=128, batched_classes=False),
-    "full-batched": dict(net_width=128, batch_real=128, batched_classes=True),
+    "quick": {"pool.net.width": 32, "batch_real": 64, "batched_classes": False},
+    "full": {"pool.net.width": 128, "batch_real": 128, "batched_classes": False},
+    "full-batched": {"pool.net.width": 128, "batch_real": 128, "batched_classes": True},
 }
 
 
@@ -71,7 +71,7 @@ def _random_pool(cfg, train, device):
     from ddfast.distill.pool import ModelPool, make_template
     from ddfast.models import flat_params
 
-    pc = cfg.pool_config()
+    pc = cfg.pool
     inits, finals = [], []
     for k in range(cfg.num_premodel):
         inits.append(flat_params(make_template(pc, 1, 10, (28, 28), seed=2 * k)).detach())
@@ -86,7 +86,7 @@ def child(case: str, device: str, repeats: int) -> dict:
 
     dev = torch.device(device)
     train, data_name = _train_set()
-    cfg = preset_config("full", "fashion-mnist", 10, pretrain_amount=5, num_premodel=5, **CASES[case])
+    cfg = preset_config("full", "fashion-mnist", 10, num_premodel=5, **{"pool.amount": 5}, **CASES[case])
     d = DANCE(cfg, device=dev, quiet=True)
     d.set_pool(_random_pool(cfg, train, dev))
     d.train = train
@@ -99,8 +99,9 @@ def child(case: str, device: str, repeats: int) -> dict:
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else rss1
     return {"times": times, "peak": peak, "rss_before_steps": rss0, "rss_after": rss1, "data": data_name,
-            "config": {k: getattr(cfg, k) for k in ("ipc", "factor", "net_width", "batch_real", "batch_syn_max",
-                                                     "num_premodel", "iter_calib", "batched_classes")}}
+            "config": {**{k: getattr(cfg, k) for k in ("ipc", "factor", "batch_real", "batch_syn_max",
+                                                        "num_premodel", "iter_calib", "batched_classes")},
+                       "pool.net.width": cfg.pool.net.width}}
 
 
 def pool_train_case(device: str, repeats: int, K: int = 4, width: int = 32) -> list:

@@ -56,7 +56,8 @@ def child(args) -> dict:
     labels = torch.arange(10).repeat_interleave(n_per)
     train = TrainSet(images, labels, 10, (0.286,), (0.353,), "bench-fmnist-shape")
     cfg = preset_config("quick", "fashion-mnist", args.ipc, syn_steps=args.steps, grad_mode=args.mode,
-                        width=args.width, num_experts=1, train_epochs=3, expert_subset=n_per,
+                        expert={"net": {"width": args.width}, "num_experts": 1, "epochs": 3,
+                                "subset_per_class": n_per},
                         sequential_generation=False, min_start_epoch=0, max_start_epoch=1, threshold=1e9,
                         pix_init="real", label_init="first_expert", iterations=10 ** 6)
     d = DATM(cfg, device=dev, quiet=True)
@@ -95,6 +96,7 @@ def experts_case(args, device: str) -> list:
 
     from ddfast import _extension
     from ddfast.distill.experts import ExpertRecipe, train_experts
+    from ddfast.models import NetConfig
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1000, 1, 28, 28, generator=g)
@@ -103,7 +105,7 @@ def experts_case(args, device: str) -> list:
     K = args.experts
     for opt in ("sgd", "gsam"):
         for vm in (True, False):
-            r = ExpertRecipe(model_kwargs={"width": args.width}, num_experts=K, epochs=1, optimizer=opt, vmap=vm,
+            r = ExpertRecipe(net=NetConfig(width=args.width), num_experts=K, epochs=1, optimizer=opt, vmap=vm,
                              parallel=K if vm else 1)
             train_experts(r, x[:256], y[:256], 10, device=device)  # warm-up
             times = []

@@ -1,4 +1,4 @@
-"""End to end (issue 7): one distillation iteration of ddfast's DATM (full unroll and TESLA), DANCE and RCIG
+"""End to end: one distillation iteration of ddfast's DATM (full unroll and TESLA), DANCE and RCIG
 against a plain-PyTorch port of each official per-iteration loop, same config, same process.
 
 What is compared
@@ -9,7 +9,7 @@ What is compared
 IPC 10) and random pixels (the cost of an iteration does not depend on the pixel values).
 
 ``reference``: a compact port, written for this benchmark in plain PyTorch, of the per-iteration algorithm as the
-official code runs it (distillers.md §1.3, §1.9, §2.3, §3.2), sharing nothing with ddfast's distillers but the
+official code runs it (``distill/DATM.py``, ``DATM_tesla.py``, ``DANCE.py``, RCIG's ``algorithms.py``), sharing nothing with ddfast's distillers but the
 data, the expert / pool parameters and the augmentation (ddfast's DSA / DiffAug, the same in both, so the
 comparison is about the distillation loop, not about augmentation):
 
@@ -67,7 +67,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import io
 import json
 import math
 import os
@@ -76,97 +75,22 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 from harness import proc_status_kb as _status_kb, reset_peak_rss as _reset_hwm  # noqa: E402
+from ports.common import PlainConvNet, FlatParamNet  # noqa: E402,F401
+from ports.dance import DANCEPort, ref_decode  # noqa: E402
+from ports.datm import DATMPort  # noqa: E402
+from ports.rcig import RCIGPort  # noqa: E402
 
 import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 METHODS = ("datm-unroll", "datm-tesla", "dance", "rcig")
 C, IPC, HW = 10, 10, 28
 MEAN, STD = (0.286,), (0.353,)
-
-
-# ==============================================================================================================
-# the reference side: a plain ConvNet, a ReparamModule-style flat-parameter wrapper
-# ==============================================================================================================
-class PlainConvNet(nn.Module):
-    """ConvNet-D as the official repos define it: [Conv3x3 -> GroupNorm(c, c) | nothing -> ReLU | Softplus ->
-    AvgPool2x2] x depth -> flatten -> Linear. 1-channel 28x28 input: first conv padded by 3 (28 treated as 32).
-    Parameter order = registration order (the flat layout of the experts / pools)."""
-
-    def __init__(self, widths, norm: str = "instance", act: str = "relu", beta: float = 60.0, cin: int = 1,
-                 classes: int = C, im: int = HW):
-        super().__init__()
-        layers, c, h = [], cin, im
-        for i, w in enumerate(widths):
-            pad = 3 if (cin == 1 and im == 28 and i == 0) else 1
-            layers.append(nn.Conv2d(c, w, 3, padding=pad))
-            h = h + 2 * pad - 2
-            if norm == "instance":
-                layers.append(nn.GroupNorm(w, w, affine=True))
-            layers.append(nn.ReLU() if act == "relu" else nn.Softplus(beta=beta))
-            layers.append(nn.AvgPool2d(2, 2))
-            h //= 2
-            c = w
-        self.features = nn.Sequential(*layers)
-        self.classifier = nn.Linear(c * h * h, classes)
-
-    def embed(self, x):
-        return self.features(x).flatten(1)
-
-    def forward(self, x, both: bool = False):
-        e = self.embed(x)
-        out = self.classifier(e)
-        return (e, out) if both else out
-
-
-class FlatParamNet:
-    """MTT's ReparamModule idea: the module's parameters are removed and, before every call, views of ONE flat
-    vector are set as plain attributes of the sub-modules, then the module runs as usual."""
-
-    def __init__(self, net: nn.Module):
-        self.net = net
-        self.slots = []
-        for mod in net.modules():
-            for name, p in list(mod._parameters.items()):
-                if p is not None:
-                    self.slots.append((mod, name, p.shape, p.numel()))
-        self.flat0 = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
-        for mod, name, _, _ in self.slots:
-            del mod._parameters[name]
-        self.numels = [s[3] for s in self.slots]
-        self.P = sum(self.numels)
-
-    def _attach(self, flat):
-        for (mod, name, shape, _), t in zip(self.slots, flat.split(self.numels)):
-            setattr(mod, name, t.view(shape))
-
-    def __call__(self, flat, x):
-        self._attach(flat)
-        return self.net(x)
-
-    def embed(self, flat, x):
-        self._attach(flat)
-        return self.net.embed(x)
-
-
-def _plain_net_from_template(template: nn.Module, act="relu", norm="instance", beta=60.0) -> PlainConvNet:
-    widths = [m.out_channels for m in template.modules() if isinstance(m, nn.Conv2d)]
-    return PlainConvNet(widths, norm=norm, act=act, beta=beta)
-
-
-def _load_flat_plain(net: nn.Module, flat: torch.Tensor) -> None:
-    with torch.no_grad():
-        off = 0
-        for p in net.parameters():
-            p.copy_(flat[off:off + p.numel()].view(p.shape))
-            off += p.numel()
 
 
 # ==============================================================================================================
@@ -187,128 +111,9 @@ def datm_config(mode: str):
     # the quick preset (width 32, syn_steps 20, batch_syn 100 = all images, lr_img 100, lr_lr 1e-5, lr_y 2, ZCA,
     # DSA); a one-expert, 3-epoch buffer and start epoch 0 (the cost of an iteration does not depend on them);
     # threshold 1e9 so that every iteration steps the optimisers in both implementations
-    return preset_config("quick", "fashion-mnist", IPC, grad_mode=mode, num_experts=1, train_epochs=3,
-                         expert_subset=40, sequential_generation=False, min_start_epoch=0, max_start_epoch=1,
+    return preset_config("quick", "fashion-mnist", IPC, grad_mode=mode,
+                         expert={"num_experts": 1, "epochs": 3, "subset_per_class": 40}, sequential_generation=False, min_start_epoch=0, max_start_epoch=1,
                          threshold=1e9, pix_init="real", label_init="first_expert", iterations=10 ** 6)
-
-
-class DATMPort:
-    """The official DATM / TESLA iteration (module docstring) on its own copies of the learnables."""
-
-    def __init__(self, d, mode: str, seed: int = 1):
-        cfg = d.config
-        self.mode = mode
-        self.cfg = cfg
-        self.net = FlatParamNet(_plain_net_from_template(d._template))
-        self.net.net.train()
-        sizes = self.net.numels
-        # the replay buffer as the official code stores it: per expert, per epoch, a list of parameter tensors
-        ex = d.experts
-        self.buffer = [[list(t.clone() for t in ex.snapshot(k, e).split(sizes)) for e in range(ex.num_epochs + 1)]
-                       for k in range(ex.num_experts)]
-        self.image_syn = d.image_syn.detach().clone().requires_grad_(True)
-        self.label_syn = d.label_syn.detach().clone().requires_grad_(True)
-        self.syn_lr = d.syn_lr.detach().clone().requires_grad_(True)
-        self.opt_img = torch.optim.SGD([self.image_syn], lr=cfg.lr_img, momentum=0.5)
-        self.opt_lr = torch.optim.SGD([self.syn_lr], lr=cfg.lr_lr, momentum=0.5)
-        self.opt_y = torch.optim.SGD([self.label_syn], lr=cfg.lr_y, momentum=cfg.momentum_y)
-        self.dsa = d._dsa
-        self.g = torch.Generator().manual_seed(seed)
-        self.order: List[int] = []
-
-    def _criterion(self, out, y):
-        return F.cross_entropy(out, F.softmax(y, dim=1))
-
-    def _segment(self):
-        cfg = self.cfg
-        if not self.order:
-            self.order = torch.randperm(len(self.buffer), generator=self.g).tolist()
-        traj = self.buffer[self.order.pop()]
-        t = int(torch.randint(cfg.min_start_epoch, cfg.max_start_epoch, (1,), generator=self.g))
-        start = torch.cat([p.reshape(-1) for p in traj[t]])
-        target = torch.cat([p.reshape(-1) for p in traj[t + cfg.expert_epochs]])
-        return start, target
-
-    def _plan(self):
-        cfg = self.cfg
-        n = self.image_syn.shape[0]
-        bs = n if cfg.batch_syn == 0 else min(cfg.batch_syn, n)
-        chunks, plan = [], []
-        for _ in range(cfg.syn_steps):
-            if not chunks:
-                chunks = list(torch.split(torch.randperm(n, generator=self.g), bs))
-            seed = int(torch.randint(1 << 62, (1,), generator=self.g))
-            plan.append((chunks.pop(), seed))
-        return plan
-
-    def iteration(self, start=None, target=None, plan=None, step=True) -> float:
-        if start is None:
-            start, target = self._segment()
-        if plan is None:
-            plan = self._plan()
-        for o in (self.opt_img, self.opt_lr, self.opt_y):
-            o.zero_grad()
-        loss = self._unroll(start, target, plan) if self.mode == "unroll" else self._tesla(start, target, plan)
-        if step and loss <= self.cfg.threshold:
-            self.opt_y.step()
-            self.opt_img.step()
-            self.opt_lr.step()
-        return float(loss)
-
-    def _unroll(self, start, target, plan):
-        student = [start.clone().requires_grad_(True)]
-        for idx, seed in plan:
-            x = self.dsa(self.image_syn[idx], seed)
-            y = self.label_syn[idx]
-            out = self.net(student[-1], x)
-            ce = self._criterion(out, y)
-            grad = torch.autograd.grad(ce, student[-1], create_graph=True)[0]
-            student.append(student[-1] - self.syn_lr * grad)
-        P = self.net.P
-        param_loss = F.mse_loss(student[-1], target, reduction="sum") / P
-        param_dist = F.mse_loss(start, target, reduction="sum") / P
-        grand = param_loss / param_dist
-        grand.backward()
-        del student
-        return grand.detach()
-
-    def _tesla(self, start, target, plan):
-        lr = self.syn_lr.item()
-        student = [start.clone().requires_grad_(True)]
-        G = torch.zeros_like(start)
-        for idx, seed in plan:  # pass 1 (create_graph kept, as DATM_tesla.py)
-            x = self.dsa(self.image_syn[idx], seed)
-            out = self.net(student[-1], x)
-            ce = self._criterion(out, self.label_syn[idx])
-            grad = torch.autograd.grad(ce, student[-1], create_graph=True)[0]
-            dg = grad.detach().clone()
-            student.append(student[-1] - lr * dg)
-            G += dg
-            del grad
-        P = self.net.P
-        param_loss = F.mse_loss(student[-1], target, reduction="sum") / P
-        param_dist = F.mse_loss(start, target, reduction="sum") / P
-        grand = (param_loss / param_dist).detach()
-        den = param_dist.detach() * P
-        gx = torch.zeros_like(self.image_syn)
-        gy = torch.zeros_like(self.label_syn)
-        for i, (idx, seed) in enumerate(plan):  # pass 2, one step's graph at a time
-            th = student[i].detach().requires_grad_(True)
-            x = self.dsa(self.image_syn[idx], seed)
-            out = self.net(th, x)
-            ce = self._criterion(out, self.label_syn[idx])
-            g_i = torch.autograd.grad(ce, th, create_graph=True)[0]
-            single = lr * (target - start)
-            square = lr ** 2 * G
-            s = 2 * ((single + square) @ g_i) / den
-            a, b = torch.autograd.grad(s, [self.image_syn, self.label_syn])
-            gx += a
-            gy += b
-        self.image_syn.grad = gx
-        self.label_syn.grad = gy
-        end = start - lr * G
-        self.syn_lr.grad = (-2 * (G @ (end - target)) / den).reshape(())
-        return grand
 
 
 def datm_build(mode: str, threads: int):
@@ -374,108 +179,11 @@ def _dance_random_pool(cfg):
     from ddfast.distill.pool import ModelPool, make_template
     from ddfast.models import flat_params
 
-    pc = cfg.pool_config()
-    inits = [flat_params(make_template(pc, 1, C, (HW, HW), seed=2 * k)).detach() for k in range(cfg.pretrain_amount)]
+    pc = cfg.pool
+    inits = [flat_params(make_template(pc, 1, C, (HW, HW), seed=2 * k)).detach() for k in range(cfg.pool.amount)]
     finals = [flat_params(make_template(pc, 1, C, (HW, HW), seed=2 * k + 1)).detach()
-              for k in range(cfg.pretrain_amount)]
+              for k in range(cfg.pool.amount)]
     return ModelPool(make_template(pc, 1, C, (HW, HW), seed=0), torch.stack(inits), torch.stack(finals))
-
-
-def ref_decode(img, factor):
-    """IDC's decode_zoom: pad to a multiple of factor (value 0.5), cut factor x factor tiles, resize each back."""
-    h = img.shape[-1]
-    rem = h % factor
-    if rem:
-        img = F.pad(img, (0, factor - rem, 0, factor - rem), value=0.5)
-    s = math.ceil(h / factor)
-    tiles = []
-    for i in range(factor):
-        for j in range(factor):
-            tiles.append(img[:, :, i * s:(i + 1) * s, j * s:(j + 1) * s])
-    return F.interpolate(torch.cat(tiles), size=(h, h), mode="bilinear", align_corners=False)
-
-
-class DANCEPort:
-    """The official DANCE iteration (module docstring) on its own copy of the stored images."""
-
-    def __init__(self, d, tmpdir: str, seed: int = 1):
-        cfg = d.config
-        self.cfg = cfg
-        self.mid = _plain_net_from_template(d.pool.template).train()
-        self.expert = _plain_net_from_template(d.pool.template).train()
-        for m in (self.mid, self.expert):
-            m.requires_grad_(False)
-        self.files = []
-        for k in range(cfg.num_premodel):
-            pair = []
-            for kind, flat in (("init", d.pool.inits[k]), ("final", d.pool.finals[k])):
-                _load_flat_plain(self.mid, flat)
-                path = os.path.join(tmpdir, f"premodel{k}_{kind}.pth.tar")
-                torch.save({n: t.clone() for n, t in self.mid.state_dict().items()}, path)
-                pair.append(path)
-            self.files.append(pair)
-        self.data = d.data.detach().clone().requires_grad_(True)
-        self.opt = torch.optim.SGD([self.data], lr=cfg.lr_img_resolved, momentum=cfg.mom_img)
-        real, lab = d._real, d.train.labels
-        self.real_by_class = [real[lab == c] for c in range(C)]
-        self.mean = torch.tensor(MEAN).view(1, -1, 1, 1)
-        self.std = torch.tensor(STD).view(1, -1, 1, 1)
-        self.aug = d.aug
-        self.g = torch.Generator().manual_seed(seed)
-
-    def norm(self, x):
-        return (x - self.mean) / self.std
-
-    def load_models(self, k, lam):
-        sd_init = torch.load(self.files[k][0], weights_only=True)
-        sd_final = torch.load(self.files[k][1], weights_only=True)
-        self.mid.load_state_dict({n: lam * sd_init[n] + (1 - lam) * sd_final[n] for n in sd_init})
-        self.expert.load_state_dict(sd_final)
-
-    def syn_class(self, c):
-        ipc = self.cfg.ipc
-        x = ref_decode(self.data[c * ipc:(c + 1) * ipc], self.cfg.factor)
-        if x.shape[0] > self.cfg.batch_syn_max:
-            x = x[torch.randperm(x.shape[0], generator=self.g)[:self.cfg.batch_syn_max]]
-        return x
-
-    def pltda(self, real, syn, seed):
-        n = real.shape[0]
-        x = self.aug(self.norm(torch.cat([real, syn])), seed)
-        f = self.mid.embed(x)
-        return ((f[:n].mean(0) - f[n:].mean(0)) ** 2).sum()
-
-    def calib(self, syn, c, seed):
-        out = self.expert(self.aug(self.norm(syn), seed))
-        return F.cross_entropy(out, torch.full((syn.shape[0],), c, dtype=torch.long))
-
-    def _seed(self):
-        return int(torch.randint(2 ** 62, (1,), generator=self.g))
-
-    def iteration(self) -> float:
-        cfg = self.cfg
-        k = int(torch.randint(cfg.num_premodel, (1,), generator=self.g))
-        lam = float(torch.rand(1, generator=self.g))
-        self.load_models(k, lam)
-        with torch.no_grad():
-            self.data.clamp_(0.0, 1.0)
-        total = 0.0
-        for c in range(C):
-            pool = self.real_by_class[c]
-            real = pool[torch.randperm(pool.shape[0], generator=self.g)[:cfg.batch_real]]
-            loss = self.pltda(real, self.syn_class(c), self._seed())
-            self.opt.zero_grad()
-            loss.backward()
-            self.opt.step()
-            total += loss.item()
-        for _ in range(cfg.iter_calib):
-            for c in range(C):
-                loss = self.calib(self.syn_class(c), c, self._seed())
-                self.opt.zero_grad()
-                loss.backward()
-                self.opt.step()
-                total += loss.item()
-        return total
 
 
 def dance_build(batched: bool, threads: int, tmpdir: str):
@@ -540,185 +248,6 @@ def _rcig_train(n_per=300):
     images = torch.rand(C * n_per, 1, HW, HW, generator=g)
     labels = torch.arange(C).repeat_interleave(n_per)
     return TrainSet(images, labels, C, MEAN, STD, "fashion-mnist")
-
-
-class RCIGPort:
-    """RCIG's ``do_meta_train_step`` + online pool step (module docstring), ported from the JAX reference."""
-
-    def __init__(self, d, seed: int = 1):
-        cfg = d.config
-        self.cfg = cfg
-        widths = [m.out_channels for m in d.model.modules() if isinstance(m, nn.Conv2d)]
-        self.plain = PlainConvNet(widths, norm="none", act="softplus", beta=cfg.softplus_beta)
-        self.plain.requires_grad_(False)
-        self.net = FlatParamNet(PlainConvNet(widths, norm="none", act="softplus", beta=cfg.softplus_beta))
-        self.names = [n for n, _ in self.plain.named_parameters()]
-        self.shapes = [p.shape for p in self.plain.parameters()]
-        self.sizes = [p.numel() for p in self.plain.parameters()]
-        self.tangent = [n for n in self.names if n != "classifier.weight"]
-        self.images = d.images.detach().clone()
-        self.labels = d.labels.detach().clone()
-        self.log_temp = d.log_temp.detach().clone()
-        self.state = {}  # AdaBelief moments
-        self.ema = [torch.zeros_like(self.images), torch.zeros_like(self.labels), torch.zeros_like(self.log_temp)]
-        self.ema_count = 0
-        self.pool = d.pool_params.clone()
-        self.pool_m, self.pool_v = d.pool_m.clone(), d.pool_v.clone()
-        self.pool_t = d.pool_t.clone()
-        self.pool_it = d.pool_it.clone()
-        self.inner_lr = d.inner_lr
-        self.hinv_lr = cfg.hinv_lr_init
-        self.ridge = cfg.l2_rate * self.images.shape[0]
-        self.real = d.train.images
-        self.real_labels = d.train.labels
-        self.mean = torch.tensor(MEAN).view(1, -1, 1, 1)
-        self.std = torch.tensor(STD).view(1, -1, 1, 1)
-        self.g = torch.Generator().manual_seed(seed)
-
-    # -- the linearised network: jvp of the network at theta0 along psi (primal features, dual logits) --
-    def params_of(self, flat):
-        return {n: t.view(s) for n, t, s in zip(self.names, flat.split(self.sizes), self.shapes)}
-
-    def lin(self, params, psi, x):
-        from torch.func import functional_call, jvp
-
-        frozen = {"classifier.weight": params["classifier.weight"]}
-        prim = {n: params[n] for n in self.tangent}
-        tang = {n: t.view(self.shapes[self.names.index(n)]) for n, t in
-                zip(self.tangent, psi.split([self.sizes[self.names.index(n)] for n in self.tangent]))}
-
-        def f(p):
-            return functional_call(self.plain, {**frozen, **p}, (x,), {"both": True}, strict=False)
-
-        (feat, _), (_, u) = jvp(f, (prim,), (tang,))
-        return feat, u
-
-    def inner_loss(self, psi, params, xs, ys):
-        feat, u = self.lin(params, psi, xs)
-        n, c = ys.shape
-        K = feat @ feat.T
-        R = ys - u
-        alpha = torch.linalg.solve(K + self.ridge * torch.eye(n), R)
-        fit = R - K @ alpha
-        val = 0.5 * (fit ** 2).sum() + 0.5 * self.ridge * ((alpha * (K @ alpha)).sum() + (psi ** 2).sum())
-        return val / (n * c)
-
-    def outer_loss(self, psi, params, xs, ys, tau, real_x, real_y):
-        feat_s, u_s = self.lin(params, psi, xs)
-        feat_t, u_t = self.lin(params, psi, real_x)
-        n = xs.shape[0]
-        K = feat_s @ feat_s.T
-        alpha = torch.linalg.solve(K + self.ridge * torch.eye(n), ys - u_s)
-        pred = u_t + (feat_t @ feat_s.T) @ alpha
-        ce = F.cross_entropy(pred * tau.exp(), real_y)
-        top = ys.topk(2, dim=1).values
-        margin = torch.clamp(top[:, 0] - top[:, 1], max=1.0 / (2 * ys.shape[1])).mean()
-        return ce - margin
-
-    @staticmethod
-    def adam(fn, x0, lr, steps, b1=0.9, b2=0.999, eps=1e-8):
-        x = x0.clone()
-        m, v = torch.zeros_like(x), torch.zeros_like(x)
-        for t in range(1, steps + 1):
-            g = fn(x)
-            m = b1 * m + (1 - b1) * g
-            v = b2 * v + (1 - b2) * g * g
-            x = x - lr * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps)
-        return x
-
-    def meta(self, flat, images, labels, log_temp, real_x, real_y):
-        cfg = self.cfg
-        params = {n: t.detach() for n, t in self.params_of(flat).items()}
-        P_psi = sum(self.sizes[self.names.index(n)] for n in self.tangent)
-        xs_d, ys_d = images.detach(), labels.detach()
-
-        def inner_grad(psi):
-            psi = psi.detach().requires_grad_(True)
-            with torch.enable_grad():
-                val = self.inner_loss(psi, params, xs_d, ys_d)
-                return torch.autograd.grad(val, psi)[0]
-
-        psi = self.adam(inner_grad, torch.zeros(P_psi), self.inner_lr, cfg.n_inner_steps)
-        # outer loss, g_psi and the direct gradient
-        x = images.detach().clone().requires_grad_(True)
-        y = labels.detach().clone().requires_grad_(True)
-        tau = log_temp.detach().clone().requires_grad_(True)
-        p = psi.detach().requires_grad_(True)
-        loss = self.outer_loss(p, params, x, y, tau, real_x, real_y)
-        g_psi, d_x, d_y, d_tau = torch.autograd.grad(loss, [p, x, y, tau])
-        # v = H^-1 g_psi: Adam on 1/2 v^T H v - g^T v, H v forward-over-reverse
-        grad_fn = torch.func.grad(lambda q: self.inner_loss(q, params, xs_d, ys_d))
-        psi_star = psi.detach()
-
-        def quad_grad(v):
-            _, hv = torch.func.jvp(grad_fn, (psi_star,), (v,))
-            return hv - g_psi
-
-        v = self.adam(quad_grad, torch.zeros_like(g_psi), self.hinv_lr, cfg.n_hinv_steps)
-        # implicit gradient -d/dS [v . grad_psi L_in(psi*, S)]
-        p = psi_star.clone().requires_grad_(True)
-        x2 = images.detach().clone().requires_grad_(True)
-        y2 = labels.detach().clone().requires_grad_(True)
-        gin = torch.autograd.grad(self.inner_loss(p, params, x2, y2), p, create_graph=True)[0]
-        i_x, i_y = torch.autograd.grad((gin * v).sum(), [x2, y2])
-        i_x, i_y = -i_x, -i_y
-
-        def clip(i, dd):
-            ni, nd = i.norm(), dd.norm()
-            return i * (nd / ni) if ni > nd else i
-
-        return float(loss), d_x + clip(i_x, d_x), d_y + clip(i_y, d_y), d_tau, d_x
-
-    def adabelief(self, tensors, grads, lrs, b1=0.9, b2=0.999, eps=1e-16, eps_root=1e-16):
-        out = []
-        for i, (p, g, lr) in enumerate(zip(tensors, grads, lrs)):
-            st = self.state.setdefault(i, {"t": 0, "m": torch.zeros_like(p), "s": torch.zeros_like(p)})
-            st["t"] += 1
-            st["m"] = b1 * st["m"] + (1 - b1) * g
-            st["s"] = b2 * st["s"] + (1 - b2) * (g - st["m"]) ** 2 + eps_root
-            mh = st["m"] / (1 - b1 ** st["t"])
-            sh = st["s"] / (1 - b2 ** st["t"])
-            out.append(p - lr * mh / (sh.sqrt() + eps))
-        return out
-
-    def pool_train(self, k, steps):
-        cfg = self.cfg
-        x, y = self.images, self.labels
-        p, m, v, t = self.pool[k].clone(), self.pool_m[k].clone(), self.pool_v[k].clone(), int(self.pool_t[k])
-        for _ in range(steps):
-            w = p.detach().requires_grad_(True)
-            loss = 0.5 * ((self.net(w, x) - y) ** 2).mean()
-            g = torch.autograd.grad(loss, w)[0]
-            t += 1
-            m = 0.9 * m + 0.1 * g
-            v = 0.999 * v + 0.001 * g * g
-            p = p - cfg.pool_lr * (m / (1 - 0.9 ** t)) / ((v / (1 - 0.999 ** t)).sqrt() + 1e-8)
-        self.pool[k], self.pool_m[k], self.pool_v[k], self.pool_t[k] = p, m, v, t
-        self.pool_it[k] += steps
-
-    def iteration(self, n_pool: Optional[int] = None) -> float:
-        cfg = self.cfg
-        k = int(torch.randint(cfg.pool_model_count, (1,), generator=self.g))
-        sel = torch.randperm(self.real.shape[0], generator=self.g)[:cfg.real_batch_size]
-        real_x = (self.real[sel] - self.mean) / self.std
-        real_y = self.real_labels[sel]
-        loss, gx, gy, gt, _ = self.meta(self.pool[k], self.images, self.labels, self.log_temp, real_x, real_y)
-        self.images, self.labels, self.log_temp = self.adabelief(
-            [self.images, self.labels, self.log_temp], [gx, gy, gt], [cfg.proto_lr, cfg.proto_lr, cfg.temp_lr])
-        dcy = cfg.ema_decay
-        self.ema = [dcy * h + (1 - dcy) * p for h, p in zip(self.ema, (self.images, self.labels, self.log_temp))]
-        self.ema_count += 1
-        if n_pool is None:
-            n_pool = int(torch.randint(1, cfg.n_max_steps_pool, (1,), generator=self.g))
-        self.pool_train(k, n_pool)
-        if int(self.pool_it[k]) >= cfg.max_online_steps:
-            self.pool[k] = torch.cat([(torch.randn(s, generator=self.g) / math.sqrt(max(1, s[1:].numel()))).reshape(-1)
-                                      if len(s) > 1 else torch.zeros(s).reshape(-1) for s in self.shapes])
-            self.pool_m[k].zero_()
-            self.pool_v[k].zero_()
-            self.pool_t[k] = 0
-            self.pool_it[k] = 0
-        return loss
 
 
 def rcig_build(threads: int):

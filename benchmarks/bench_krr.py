@@ -1,4 +1,4 @@
-"""Benchmark: kernel_ridge_regression (RCIG's batched linear-kernel KRR) at the sizes of kernels.md §4, plus the
+"""Benchmark: kernel_ridge_regression (RCIG's batched linear-kernel KRR) at the target sizes (RCIG's support sets), plus the
 factor-reuse pattern of RCIG's inner loop.
 
 Providers: ``ddfast`` (the public op), ``eager`` (the pure-PyTorch reference: ``X_s X_s^T``, ``X_q X_s^T``,

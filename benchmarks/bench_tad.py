@@ -93,7 +93,7 @@ def run_partition(spec: str, overrides: Dict[str, Any], oos_folds: int, n: int) 
         ds = ds.subset(torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n])
     nl = corrupt_labels(ds.labels, spec, ds.num_classes, seed=0, mapping="fashion-mnist")
     train = TrainSet(ds.images, nl.labels, ds.num_classes, ds.mean, ds.std, ds.name)
-    cfg = TADConfig(**{**overrides, **({"cleanlab_folds": oos_folds} if oos_folds else {})})
+    cfg = TADConfig().replace(**{**overrides, **({"cleanlab_folds": oos_folds} if oos_folds else {})})
     t0 = time.perf_counter()
     res = tad_partition(train, cfg, clean_labels=nl, quiet=False)
     wall = time.perf_counter() - t0

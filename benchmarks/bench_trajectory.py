@@ -1,4 +1,4 @@
-"""Benchmark: trajectory_matching_loss (MTT eq. 2) and tesla_quantities, at the sizes of kernels.md §4.
+"""Benchmark: trajectory_matching_loss (MTT eq. 2) and tesla_quantities, at the target sizes (DATM's P = 320k and 8M).
 
 Providers: ``ddfast`` (the public op: fused kernel), ``eager`` (the pure-PyTorch reference, the tests' oracle) and
 ``compile`` (``torch.compile`` of that reference). ``fwd+bwd`` differentiates the student only, as in MTT/DATM (the
@@ -20,7 +20,7 @@ from ddfast.ops import tesla_quantities, trajectory_matching_loss  # noqa: E402
 from ddfast.ops import _reference as R  # noqa: E402
 
 SIZES = [(1, 320_010), (8, 320_010), (1, 8_000_000), (8, 8_000_000)]
-GPU_SIZES = [(1, 64_000_000), (4, 64_000_000)]  # the bandwidth target of kernels.md (P >= 64M)
+GPU_SIZES = [(1, 64_000_000), (4, 64_000_000)]  # the bandwidth target (P >= 64M)
 
 _compiled = {}
 

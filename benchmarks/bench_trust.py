@@ -1,5 +1,5 @@
 """Benchmark: the per-sample trust-scoring ops of TAD (sample_stats, classwise_gmm, anchor_distances) at the sizes
-of kernels.md §4.
+of the speed targets (RESULTS.md).
 
 Providers: ``ddfast`` (the public op: compiled kernel), ``eager`` (the pure-PyTorch reference, the tests' oracle),
 ``compile`` (``torch.compile`` of that reference) and, for classwise_gmm, ``sklearn`` (scikit-learn's
@@ -11,7 +11,7 @@ only ``fwd`` is timed. Run::
     .venv/bin/python benchmarks/bench_trust.py [--device cpu|cuda] [--filter sample_stats] [--providers ddfast,eager]
         [--repeats N] [--threads T] [--clock wall|process] [--no-csv]
 
-At the end a summary prints each target ratio of kernels.md §4 (sample_stats >= 3x eager, classwise_gmm >= 3x
+At the end a summary prints each target ratio (sample_stats >= 3x eager, classwise_gmm >= 3x
 eager and >= 20x the per-class scikit-learn loop) with its measured value.
 """
 from __future__ import annotations
@@ -214,7 +214,7 @@ TARGETS = [  # (benchmark, against, target ratio ddfast / against)
 
 
 def summary(rows):
-    """Ratio of each target of kernels.md §4, per case."""
+    """Ratio of each speed target, per case."""
     med = {(r["benchmark"], r["case"], r["dtype"], r["provider"]): r["median_ms"] for r in rows}
     lines = []
     for bench, against, target in TARGETS:
@@ -225,7 +225,7 @@ def summary(rows):
             ok = "met" if ratio >= target else "MISSED"
             lines.append(f"{bench:<18} {case:<36} {dtype:<8} ddfast vs {against:<8} {ratio:8.1f}x  "
                          f"(target >= {target:g}x: {ok})")
-    print("\nTargets (kernels.md §4)")
+    print("\nTargets")
     print("\n".join(lines) if lines else "(no target rows)")
     return lines
 

@@ -19,7 +19,6 @@ from ddfast.data import load_dataset
 from ddfast.distill.base import SyntheticSet
 from ddfast.evaluate import train_classifier
 from ddfast.pipeline import synset_eval_config
-from ddfast.report import synset_input_transform
 
 
 def temperature_for(logits: torch.Tensor, target: float) -> float:
@@ -44,7 +43,7 @@ def main() -> None:
     syn = SyntheticSet.load(a.run_dir)
     test = load_dataset((syn.metadata or {}).get("ddfast_run", {}).get("dataset", "fashion-mnist"), "test")
     ec = synset_eval_config(syn, torch.device("cpu"), a.runs, 0, {})
-    tf = synset_input_transform(syn)
+    tf = syn.input_transform()
     labels = syn.labels
     T = 1.0
     if a.max_prob is not None:

@@ -1,12 +1,12 @@
 """Differentiable augmentation and input transforms.
 
 - :class:`DSA` -- Differentiable Siamese Augmentation (Zhao & Bilen, ICML 2021, "Dataset Condensation with
-  Differentiable Siamese Augmentation", §3.2-3.3; distillers.md §1.5): colour (brightness, saturation,
+  Differentiable Siamese Augmentation", §3.2-3.3; MTT/DATM's ``utils.DiffAugment``): colour (brightness, saturation,
   contrast), crop (translation with zero fill), cutout, flip, scale and rotate, every one differentiable
   w.r.t. the pixels, with per-sample random parameters drawn from an explicit seed so that a real and a
   synthetic batch given the same seed get identical transformations ("siamese").
 - :func:`diffaug` -- the batch-shared DiffAugment variant (Zhao et al., NeurIPS 2020; as used by IDC/DANCE
-  for matching, distillers.md §2.1, default ``color_crop_cutout``): all groups applied, one set of
+  for matching, default ``color_crop_cutout``): all groups applied, one set of
   parameters for the whole batch.
 - :class:`ZCA` -- ZCA whitening fitted on the training set (Kessy et al. 2018; kornia's ``ZCAWhitening``
   recipe with ``eps=0.1`` as used by MTT/DATM/FRePo/RCIG), with its inverse for showing images.
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -283,7 +283,7 @@ class DSA:
 
 
 def diffaug(strategy: str = "color_crop_cutout", seed: int = 0, **kw) -> DSA:
-    """DiffAugment as DANCE/IDC use it for matching (Zhao et al. NeurIPS 2020; distillers.md §2.1): every
+    """DiffAugment as DANCE/IDC use it for matching (Zhao et al. NeurIPS 2020): every
     group of ``strategy`` applied (mode ``'M'``) with one parameter set shared by the whole batch, so a
     concatenated real+synthetic batch is transformed identically. Keywords go to :class:`DSA`."""
     return DSA(strategy, mode="M", batch_shared=True, seed=seed, **kw)
@@ -383,7 +383,7 @@ class Normalize:
 class ZCA:
     """ZCA whitening (Bell & Sejnowski 1997; Kessy, Lewin & Strimmer 2018, "Optimal whitening and
     decorrelation", ZCA = Mahalanobis whitening), fitted on a training set as kornia's
-    ``ZCAWhitening(eps=0.1)`` does for MTT/DATM (distillers.md §1.2):
+    ``ZCAWhitening(eps=0.1)`` does for MTT/DATM (their ``buffer.py``):
 
         mu = mean_i x_i,   S = X_c^T X_c / (N - 1)  (unbiased)  = U diag(lam) U^T
         W  = U diag((lam + eps)^-1/2) U^T,   transform(x) = (x - mu) W,   inverse(y) = y W^-1 + mu
@@ -609,7 +609,7 @@ def build_input_transform(kind: str, images: Optional[torch.Tensor] = None, mean
 
 def cutmix(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, beta: float = 1.0, p: float = 1.0):
     """CutMix (Yun, Han, Oh, Chun, Choe, Yoo; ICCV 2019, eq. 1-2), batch-level as in IDC/DANCE's
-    ``train_epoch`` (``mixup='cut'``; distillers.md §2.2, §2.4).
+    ``train_epoch`` (``mixup='cut'``).
 
     With probability ``p`` (one coin per batch): draw ``lam ~ Beta(beta, beta)``, a random partner
     permutation ``perm`` of the batch and one box of side ``int(H * sqrt(1 - lam))`` x ``int(W * sqrt(1 - lam))``

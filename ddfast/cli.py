@@ -90,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto", help="cpu | cuda | auto (default auto)")
     r.add_argument("--eval-runs", type=_positive_int, help="evaluation runs of the distilled set and the random "
                    "subset (default: the method's protocol)")
-    r.add_argument("--baselines", help="comma list of full_noisy,random_subset,noisy_learner,full_clean or 'none' "
-                   "(default full_noisy,random_subset,noisy_learner)")
+    r.add_argument("--baselines", help="comma list of full_noisy,random_subset,gce,full_clean or 'none' "
+                   "(default full_noisy,random_subset,gce)")
     r.add_argument("--data-root", help="extra folder searched for dataset files")
     r.add_argument("--cache-dir", help="cache of experts, pools and baselines (default $DDFAST_CACHE or "
                    "~/.cache/ddfast)")
@@ -186,7 +186,7 @@ def _print_summary(m: Dict[str, Any]) -> None:
     res = m.get("results", {})
     out = m.get("files", {}).get("out_dir", "")
     lines = [f"ddfast: {m.get('command')}"]
-    for k in ("distilled", "random_subset", "full_noisy", "noisy_learner", "full_clean"):
+    for k in ("distilled", "random_subset", "full_noisy", "gce", "full_clean"):
         if k in res:
             lines.append(f"  {baseline_title(k, (m.get('noise') or {}).get('spec')):40s} {fmt_acc(res[k]):>16s} %")
     lines.append(f"  report: {os.path.join(out, 'report.md')}  ({m.get('total_seconds', 0):.0f} s)")

@@ -26,7 +26,6 @@ looked and how to get the files; a truncated or corrupt file raises :class:`Corr
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import math
 import os
@@ -34,7 +33,7 @@ import pickle
 import struct
 import zlib
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -43,6 +42,9 @@ __all__ = [
     "ImageDataset",
     "load_dataset",
     "DATASETS",
+    "DATASET_ALIASES",
+    "GRAYSCALE_DATASETS",
+    "canonical_name",
     "DatasetNotFoundError",
     "CorruptDatasetError",
     "RestrictedUnpickler",
@@ -69,12 +71,18 @@ _STATS = {
     "cifar100": ((0.5071, 0.4866, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
 
+#: the datasets :func:`load_dataset` reads
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "digits")
-_ALIASES = {
+#: every accepted spelling -> the canonical name (the one registry of dataset names: presets, noise mappings
+#: and caches all go through :func:`canonical_name`). ``tiny-imagenet`` has presets but no loader here.
+DATASET_ALIASES = {
     "fashion-mnist": "fashion-mnist", "fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist",
     "fmnist": "fashion-mnist", "mnist": "mnist", "cifar10": "cifar10", "cifar-10": "cifar10",
-    "cifar100": "cifar100", "cifar-100": "cifar100", "digits": "digits",
+    "cifar100": "cifar100", "cifar-100": "cifar100", "digits": "digits", "tiny": "tiny-imagenet",
+    "tinyimagenet": "tiny-imagenet", "tiny-imagenet": "tiny-imagenet", "tiny_imagenet": "tiny-imagenet",
 }
+#: one-channel datasets (no horizontal flips, no ZCA in RCIG's pipeline)
+GRAYSCALE_DATASETS = ("fashion-mnist", "mnist", "digits")
 # expected split sizes of the standard datasets (a mismatch means a partial or foreign file)
 _EXPECTED_SIZES = {
     "fashion-mnist": {"train": 60000, "test": 10000},
@@ -231,10 +239,25 @@ def search_dirs(name: str, root: Optional[str] = None) -> List[str]:
     return uniq
 
 
-def _canonical(name: str) -> str:
-    key = _ALIASES.get(str(name).lower().strip())
+def canonical_name(name: str, strict: bool = False) -> str:
+    """The canonical name of a dataset (``"FashionMNIST"`` -> ``"fashion-mnist"``, ``"cifar-10"`` ->
+    ``"cifar10"``); a name outside the registry (a user's file) is returned lower-cased and stripped, or raises
+    ``ValueError`` listing the known datasets when ``strict``."""
+    text = str(name).lower().strip()
+    key = DATASET_ALIASES.get(text, DATASET_ALIASES.get(text.replace("_", "-")))
     if key is None:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {list(DATASETS)} or give a .safetensors/.pt path")
+        if strict:
+            raise ValueError(f"unknown dataset {name!r}; choose one of {list(DATASETS)} or give a .safetensors/.pt "
+                             "path")
+        return text
+    return key
+
+
+def _canonical(name: str) -> str:
+    key = canonical_name(name, strict=True)
+    if key not in DATASETS:
+        raise ValueError(f"dataset {name!r} has presets but no loader in ddfast; choose one of {list(DATASETS)} or "
+                         "give a .safetensors/.pt path")
     return key
 
 

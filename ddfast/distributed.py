@@ -1,6 +1,6 @@
 """Scale-out through ``torchrun``: process-group setup, rank helpers and the collectives ddfast uses.
 
-ddfast parallelises over three embarrassingly parallel or data-parallel axes (ecosystem.md §D.2):
+ddfast parallelises over three embarrassingly parallel or data-parallel axes:
 
 1. **Independent jobs** -- expert trajectories (DATM), model pools (DANCE, RCIG), evaluation runs and
    baselines: rank ``r`` of ``W`` takes items ``r, r + W, r + 2W, ...`` (:func:`shard`) and the results are
@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -51,7 +51,6 @@ __all__ = [
     "gather_by_index",
     "main_only",
     "rank_generator",
-    "evaluate_sharded",
 ]
 
 T = TypeVar("T")
@@ -294,58 +293,3 @@ def rank_generator(seed: int, rank_: Optional[int] = None) -> torch.Generator:
     expert/start-epoch draw in trajectory-parallel distillation) while staying reproducible."""
     r = rank() if rank_ is None else int(rank_)
     return torch.Generator().manual_seed((int(seed) * 1_000_003 + 7919 * (r + 1)) % (2 ** 63 - 1))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# sharded evaluation
-# ----------------------------------------------------------------------------------------------------------
-def evaluate_sharded(images: torch.Tensor, labels: torch.Tensor, test_set, *, config=None, transform=None,
-                     images_transformed: bool = False, weights: Optional[torch.Tensor] = None,
-                     log: Optional[Callable[[str], None]] = None,
-                     epoch_callback: Optional[Callable[[int, int], None]] = None, **overrides):
-    """:func:`ddfast.evaluate.evaluate_synset` with its ``num_runs`` training runs spread over the ranks.
-
-    Run ``k`` trains exactly as run ``k`` of the single-process loop (model seed ``seed + k``, data order and
-    DSA draws from ``(seed, k)``), so the per-run accuracies are those of ``evaluate_synset(...,
-    vmap=False)``; they are gathered in run order on every rank. Not distributed and without
-    ``epoch_callback``: this *is* ``evaluate_synset`` (which may vmap the runs; equal up to float rounding).
-
-    Args:
-        epoch_callback: ``epoch_callback(run, epoch)`` after every training epoch of every run on this rank
-            (progress bars); forces the per-run loop.
-
-    Returns:
-        :class:`ddfast.evaluate.EvalResult` (``seconds`` = wall time of the slowest rank).
-    """
-    import time
-
-    from .evaluate import EvalConfig, EvalResult, evaluate_model, evaluate_synset, train_classifier
-
-    if not is_distributed() and epoch_callback is None:
-        return evaluate_synset(images, labels, test_set, config=config, transform=transform,
-                               images_transformed=images_transformed, weights=weights, log=log, **overrides)
-    t0 = time.perf_counter()
-    cfg = (config if config is not None else EvalConfig()).replace(**overrides).validate()
-    num_classes = cfg.num_classes
-    if num_classes is None:
-        num_classes = getattr(test_set, "num_classes", None)
-    mine: Dict[int, float] = {}
-    for k in shard_indices(cfg.num_runs):
-        cb = None
-        if epoch_callback is not None:
-            cb = (lambda run: (lambda epoch, model: epoch_callback(run, epoch) if epoch > 0 else None))(k)
-        model = train_classifier(images, labels, config=cfg, num_classes=num_classes, transform=transform,
-                                 images_transformed=images_transformed, weights=weights, run=k, callback=cb)
-        mine[k] = float(evaluate_model(model, test_set, transform=transform, batch_size=cfg.eval_batch_size,
-                                       device=cfg.device))
-        if log:
-            log(f"rank {rank()} run {k}: {mine[k]:.2f}%")
-    accs = gather_by_index(cfg.num_runs, mine)
-    seconds = max(all_gather_object(time.perf_counter() - t0))
-    info = cfg.to_dict()
-    info.update({"n_train": int(images.shape[0]), "label_kind": "soft" if labels.is_floating_point() else "hard",
-                 "images_transformed": bool(images_transformed), "vmapped": False,
-                 "sharded_over_ranks": world_size(), "loss_resolved": cfg.loss or (
-                     "soft_ce" if labels.is_floating_point() else "ce"),
-                 "transform": getattr(transform, "kind", "none") if transform is not None else "none"})
-    return EvalResult.from_accs(accs, seconds, info)

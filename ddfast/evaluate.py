@@ -4,7 +4,8 @@
 trains ``num_runs`` freshly initialised networks for ``epochs`` epochs and reports the test accuracy (percent)
 mean and standard deviation (population std, ``ddof=0``, as the papers' code computes it with ``np.std``).
 
-The recipes of the three methods are options of :class:`EvalConfig` (distillers.md §1.3, §2.4, §3.4):
+The recipes of the three methods are options of :class:`EvalConfig` (the official evaluation code: DATM's ``evaluate_synset``, DANCE's
+``test.py``/``train.py``, RCIG's ``eval.py``):
 
 - DATM/MTT: ``loss="soft_ce"`` (learned label logits, softmax at temperature 1), ``lr`` = the learned lr,
   SGD momentum 0.9, weight decay 5e-4, lr x0.1 at half of the epochs (``schedule="step"``), DSA on,
@@ -18,7 +19,7 @@ The recipes of the three methods are options of :class:`EvalConfig` (distillers.
 Input transform: ``transform`` (an :mod:`ddfast.augment` transform such as ``Normalize``/``ZCA``/``Compose``)
 is applied to the training images (unless ``images_transformed=True``: e.g. DATM's synthetic images already
 live in ZCA space) *and always to the test images*, so that train and test see the same network-input space
-(the trap of mtt-distillation issue #11: a ZCA-trained network tested on un-whitened images). DSA acts on the
+(the trap of GitHub issue GeorgeCazenavette/mtt-distillation#11: a ZCA-trained network tested on un-whitened images). DSA acts on the
 transformed images, as in MTT/DATM.
 
 Runs: with ``vmap=True`` the K runs are trained together as one stacked parameter tensor ``[K, P]`` with
@@ -28,7 +29,7 @@ loop was measured faster (2-core machine, 28x28 ConvNet width 32/128, K=5, one S
 at 10 and 100 images per run and step -- vmapped convolutions become grouped convolutions;
 ``benchmarks/bench_baselines.py --vmap-check``, table in benchmarks/RESULTS.md), so
 ``vmap="auto"`` uses the loop on CPU. On CUDA, where small per-run batches are launch-bound
-(distillers.md §1.11 (c)), ``"auto"`` picks vmap for K > 1, no batch norm and at most ``VMAP_AUTO_MAX_TRAIN``
+(several small networks in one vmapped call), ``"auto"`` picks vmap for K > 1, no batch norm and at most ``VMAP_AUTO_MAX_TRAIN``
 training images -- a heuristic not yet timed on a GPU.
 """
 from __future__ import annotations
@@ -44,7 +45,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import distributed as dd
 from .augment import DSA, cutmix
+from .config import Config, option, set_path
 from .models import batched_forward, flat_params, get_model, has_batchnorm, num_params
 
 __all__ = [
@@ -56,6 +59,9 @@ __all__ = [
     "per_sample_loss",
     "LOSSES",
     "VMAP_AUTO_MAX_TRAIN",
+    "evaluate_sharded",
+    "synset_eval_config",
+    "evaluate_synthetic_set",
 ]
 
 LOSSES = ("ce", "soft_ce", "mse", "gce")
@@ -65,7 +71,7 @@ VMAP_AUTO_MAX_TRAIN = 2000
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Config):
     """Options of the harness (every field is JSON-serialisable).
 
     Attributes:
@@ -92,72 +98,29 @@ class EvalConfig:
         device: ``"cpu"``, ``"cuda"``, ...
     """
 
-    model: str = "convnet"
-    model_kwargs: Dict[str, Any] = field(default_factory=dict)
-    lr: float = 0.01
-    epochs: int = 300
-    num_runs: int = 5
-    batch_size: int = 256
-    loss: Optional[str] = None
-    gce_q: float = 0.7
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    weight_decay: Optional[float] = None
-    schedule: str = "step"
-    warmup_steps: int = 0
-    dsa: bool = True
-    dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
-    dsa_mode: str = "S"
-    cutmix_p: float = 0.0
-    cutmix_beta: float = 1.0
-    eval_batch_size: int = 1024
-    num_classes: Optional[int] = None
-    seed: int = 0
-    vmap: Union[bool, str] = "auto"
-    device: str = "cpu"
-
-    def replace(self, **overrides) -> "EvalConfig":
-        """A copy with ``overrides`` (unknown names raise ``TypeError`` naming them)."""
-        names = {f.name for f in dataclasses.fields(self)}
-        bad = sorted(set(overrides) - names)
-        if bad:
-            raise TypeError(f"unknown EvalConfig field(s) {bad}; valid: {sorted(names)}")
-        if "lr" in overrides and isinstance(overrides["lr"], torch.Tensor):
-            overrides["lr"] = float(overrides["lr"].detach())
-        return dataclasses.replace(self, **overrides)
-
-    def validate(self) -> "EvalConfig":
-        """Raises ``ValueError`` naming the first bad field; returns ``self``."""
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
-        for name in ("epochs", "num_runs", "batch_size", "eval_batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if self.loss is not None and self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES} or None, got {self.loss!r}")
-        if not 0 < self.gce_q <= 1:
-            raise ValueError(f"gce_q must be in (0, 1], got {self.gce_q}")
-        if self.optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
-        if self.schedule not in _SCHEDULES:
-            raise ValueError(f"schedule must be one of {_SCHEDULES}, got {self.schedule!r}")
-        if self.weight_decay is not None and self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.dsa_mode not in ("S", "M", "idc"):
-            raise ValueError(f"dsa_mode must be 'S', 'M' or 'idc', got {self.dsa_mode!r}")
-        if not (isinstance(self.cutmix_p, (int, float)) and 0.0 <= self.cutmix_p <= 1.0):
-            raise ValueError(f"cutmix_p must be in [0, 1], got {self.cutmix_p!r}")
-        if not (isinstance(self.cutmix_beta, (int, float)) and self.cutmix_beta > 0 and math.isfinite(self.cutmix_beta)):
-            raise ValueError(f"cutmix_beta must be a finite number > 0, got {self.cutmix_beta!r}")
-        if self.vmap not in (True, False, "auto"):
-            raise ValueError(f"vmap must be True, False or 'auto', got {self.vmap!r}")
-        return self
-
-    def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+    model: str = option("convnet")
+    model_kwargs: Dict[str, Any] = option(factory=dict)
+    lr: float = option(0.01, gt=0)
+    epochs: int = option(300, ge=1)
+    num_runs: int = option(5, ge=1)
+    batch_size: int = option(256, ge=1)
+    loss: Optional[str] = option(None, choices=(None,) + LOSSES)
+    gce_q: float = option(0.7, gt=0, le=1)
+    optimizer: str = option("sgd", choices=("sgd", "adam"))
+    momentum: float = option(0.9, ge=0, lt=1)
+    weight_decay: Optional[float] = option(None, ge=0)
+    schedule: str = option("step", choices=_SCHEDULES)
+    warmup_steps: int = option(0, ge=0)
+    dsa: bool = option(True)
+    dsa_strategy: str = option("color_crop_cutout_flip_scale_rotate")
+    dsa_mode: str = option("S", choices=("S", "M", "idc"))
+    cutmix_p: float = option(0.0, ge=0, le=1)
+    cutmix_beta: float = option(1.0, gt=0)
+    eval_batch_size: int = option(1024, ge=1)
+    num_classes: Optional[int] = option(None, ge=2)
+    seed: int = option(0)
+    vmap: Union[bool, str] = option("auto", choices=(True, False, "auto"))
+    device: str = option("cpu")
 
 
 @dataclass
@@ -636,3 +599,90 @@ def evaluate_synset(images: torch.Tensor, labels: torch.Tensor, test_set, *, con
                  "transform": _transform_name(transform), "images_transformed": bool(images_transformed),
                  "vmapped": bool(vm), "num_params": num_params(template)})
     return EvalResult.from_accs(accs, time.perf_counter() - t0, info)
+
+
+# --------------------------------------------------------------------------------------------------------
+# synthetic sets and sharded runs
+# --------------------------------------------------------------------------------------------------------
+
+
+def synset_eval_config(syn, device="cpu", runs: Optional[int] = None, seed: int = 0,
+                       overrides: Optional[Dict[str, Any]] = None) -> EvalConfig:
+    """The :class:`EvalConfig` of a synthetic set's own protocol (``syn.eval_config``; the learned lr when the
+    protocol does not fix one; ``num_classes`` of the set), with ``runs`` runs, base ``seed`` and
+    ``overrides`` (EvalConfig fields) applied.
+
+    Raises:
+        UnknownOptionError: an override that is not an EvalConfig field. ValueError: a bad value (named).
+    """
+    names = set(EvalConfig.field_names())
+    ec = {k: v for k, v in dict(syn.eval_config or {}).items() if k in names}
+    if "lr" not in ec and syn.lr is not None:
+        ec["lr"] = float(syn.lr)
+    ec["device"] = str(device)
+    ec.setdefault("num_classes", int(syn.num_classes))
+    ec.setdefault("seed", int(seed))
+    if runs is not None:
+        ec["num_runs"] = int(runs)
+    for k, v in dict(overrides or {}).items():
+        set_path(ec, k, v, EvalConfig)
+    return EvalConfig.from_dict(ec, path="eval")
+
+
+def evaluate_synthetic_set(syn, test_set, *, runs: Optional[int] = None, seed: int = 0, device="cpu",
+                           log: Optional[Callable[[str], None]] = None, **overrides) -> EvalResult:
+    """Evaluates a :class:`~ddfast.distill.base.SyntheticSet` with its own protocol on ``test_set``
+    (ImageDataset or ``(images in [0, 1], labels)``): the synthetic images are used as stored (network-input
+    space) and the test images go through ``syn.input_transform()``. ``overrides`` replace EvalConfig fields
+    (e.g. ``epochs=300``). Runs are sharded over the ranks under ``torchrun`` (:func:`evaluate_sharded`)."""
+    cfg = synset_eval_config(syn, device, runs, seed, overrides)
+    return evaluate_sharded(syn.images, syn.labels, test_set, config=cfg, transform=syn.input_transform(),
+                            images_transformed=True, log=log)
+
+
+def evaluate_sharded(images: torch.Tensor, labels: torch.Tensor, test_set, *, config=None, transform=None,
+                     images_transformed: bool = False, weights: Optional[torch.Tensor] = None,
+                     log: Optional[Callable[[str], None]] = None,
+                     epoch_callback: Optional[Callable[[int, int], None]] = None, **overrides):
+    """:func:`ddfast.evaluate.evaluate_synset` with its ``num_runs`` training runs spread over the ranks.
+
+    Run ``k`` trains exactly as run ``k`` of the single-process loop (model seed ``seed + k``, data order and
+    DSA draws from ``(seed, k)``), so the per-run accuracies are those of ``evaluate_synset(...,
+    vmap=False)``; they are gathered in run order on every rank. Not distributed and without
+    ``epoch_callback``: this *is* ``evaluate_synset`` (which may vmap the runs; equal up to float rounding).
+
+    Args:
+        epoch_callback: ``epoch_callback(run, epoch)`` after every training epoch of every run on this rank
+            (progress bars); forces the per-run loop.
+
+    Returns:
+        :class:`ddfast.evaluate.EvalResult` (``seconds`` = wall time of the slowest rank).
+    """
+    if not dd.is_distributed() and epoch_callback is None:
+        return evaluate_synset(images, labels, test_set, config=config, transform=transform,
+                               images_transformed=images_transformed, weights=weights, log=log, **overrides)
+    t0 = time.perf_counter()
+    cfg = (config if config is not None else EvalConfig()).replace(**overrides).validate()
+    num_classes = cfg.num_classes
+    if num_classes is None:
+        num_classes = getattr(test_set, "num_classes", None)
+    mine: Dict[int, float] = {}
+    for k in dd.shard_indices(cfg.num_runs):
+        cb = None
+        if epoch_callback is not None:
+            cb = (lambda run: (lambda epoch, model: epoch_callback(run, epoch) if epoch > 0 else None))(k)
+        model = train_classifier(images, labels, config=cfg, num_classes=num_classes, transform=transform,
+                                 images_transformed=images_transformed, weights=weights, run=k, callback=cb)
+        mine[k] = float(evaluate_model(model, test_set, transform=transform, batch_size=cfg.eval_batch_size,
+                                       device=cfg.device))
+        if log:
+            log(f"rank {dd.rank()} run {k}: {mine[k]:.2f}%")
+    accs = dd.gather_by_index(cfg.num_runs, mine)
+    seconds = max(dd.all_gather_object(time.perf_counter() - t0))
+    info = cfg.to_dict()
+    info.update({"n_train": int(images.shape[0]), "label_kind": "soft" if labels.is_floating_point() else "hard",
+                 "images_transformed": bool(images_transformed), "vmapped": False,
+                 "sharded_over_ranks": dd.world_size(), "loss_resolved": cfg.loss or (
+                     "soft_ce" if labels.is_floating_point() else "ce"),
+                 "transform": getattr(transform, "kind", "none") if transform is not None else "none"})
+    return EvalResult.from_accs(accs, seconds, info)

@@ -7,8 +7,8 @@ Models
   ``Conv3x3(pad 1) -> norm -> act -> pool 2x2``, then flatten and one ``Linear``.
 - :func:`convnet_datm` -- the DATM/MTT/DANCE variant: width 128, instance norm realised as
   ``GroupNorm(C, C)`` with affine parameters, ReLU, average pooling. 320,010 parameters for CIFAR-10
-  (distillers.md §1.4).
-- :func:`convnet_rcig` -- RCIG's ``Conv`` (Loo et al., ICML 2023; distillers.md §3.1): widths 128, 256, 512
+  (MTT/DATM's ``networks.py``).
+- :func:`convnet_rcig` -- RCIG's ``Conv`` (Loo et al., ICML 2023, §5; ``yolky/RCIG`` ``models.py``): widths 128, 256, 512
   (doubling per layer), no normalisation, softplus with beta 60 while distilling at depth 3 and ReLU for
   evaluation. The 32 px body has 1,478,912 parameters.
 - :class:`ConvNetD4` -- ConvNet of depth 4 (64 px inputs, e.g. Tiny-ImageNet).
@@ -47,13 +47,14 @@ batch statistics, in ``eval()`` mode all K runs read the module's (shared) runni
 from __future__ import annotations
 
 import contextlib
-import math
+from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torchvision.models.resnet import BasicBlock, ResNet as _TVResNet
+
+from .config import Config, option
 
 __all__ = [
     "ConvNet",
@@ -64,6 +65,7 @@ __all__ = [
     "resnet18",
     "get_model",
     "MODEL_NAMES",
+    "NetConfig",
     "flat_params",
     "param_shapes",
     "num_params",
@@ -246,7 +248,7 @@ class ConvNetD4(ConvNet):
 
 def convnet_datm(in_channels: int, num_classes: int, im_size=(32, 32), width: int = 128, depth: int = 3,
                  **kw) -> ConvNet:
-    """The DATM/MTT/FTD/TESLA/DANCE ConvNet (distillers.md §1.4): width 128, ``GroupNorm(C, C)`` instance
+    """The DATM/MTT/FTD/TESLA/DANCE ConvNet (MTT/DATM's ``networks.py``): width 128, ``GroupNorm(C, C)`` instance
     norm with affine, ReLU, average pooling. 320,010 parameters for CIFAR-10 (3x32x32, 10 classes),
     504,420 for CIFAR-100. Extra keywords go to :class:`ConvNet`."""
     kw.setdefault("norm", "instance")
@@ -268,7 +270,7 @@ def _rcig_depth(im_size) -> int:
 def convnet_rcig(in_channels: int, num_classes: int, im_size=(32, 32), depth: Optional[int] = None,
                  act: str = "relu", softplus_beta: float = 60.0, base_width: int = 128,
                  norm: str = "none", **kw) -> ConvNet:
-    """RCIG's ``Conv`` (Loo, Hasani, Lechner, Rus; ICML 2023; distillers.md §3.1): widths
+    """RCIG's ``Conv`` (Loo, Hasani, Lechner, Rus; ICML 2023; ``yolky/RCIG`` ``models.py``): widths
     ``base_width * 2**i`` (128, 256, 512 at depth 3), no normalisation, average pooling, final Dense.
 
     Args:
@@ -374,6 +376,41 @@ def get_model(name: str, in_channels: int, num_classes: int, im_size=(32, 32), s
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         return builders[key](in_channels, num_classes, im_size, **kw)
+
+
+_CONVNET_NAMES = ("convnet", "convnet_datm")
+
+
+@dataclass
+class NetConfig(Config):
+    """A network by name and size: what expert trajectories, model pools and TAD's scoring network build.
+
+    Attributes:
+        model: a :func:`get_model` name (``"convnet"``: the ConvNet-D of MTT/DATM/DANCE).
+        width, depth, norm: the ConvNet's width, number of blocks and normalisation (``"instance"``,
+            ``"batch"``, ``"layer"``, ``"none"``); used only by the ConvNet names (``convnet``, ``convnet_datm``).
+    """
+
+    model: str = option("convnet")
+    width: int = option(128, ge=1)
+    depth: int = option(3, ge=1)
+    norm: str = option("instance", choices=("instance", "batch", "layer", "none"))
+
+    def check(self) -> None:
+        if str(self.model).lower().replace("-", "_") not in MODEL_NAMES:
+            self.fail("model", f"unknown model {self.model!r}; choose one of {list(MODEL_NAMES)}")
+
+    @property
+    def is_convnet(self) -> bool:
+        return str(self.model).lower().replace("-", "_") in _CONVNET_NAMES
+
+    def kwargs(self) -> Dict[str, object]:
+        """The :func:`get_model` keywords (width, depth and norm for the ConvNet names, none otherwise)."""
+        return {"width": self.width, "depth": self.depth, "norm": self.norm} if self.is_convnet else {}
+
+    def build(self, in_channels: int, num_classes: int, im_size, seed: Optional[int] = None) -> nn.Module:
+        """``get_model(model, in_channels, num_classes, im_size, seed=seed, **kwargs())``."""
+        return get_model(self.model, in_channels, num_classes, im_size, seed=seed, **self.kwargs())
 
 
 # --------------------------------------------------------------------------------------------------------

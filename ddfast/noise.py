@@ -1,4 +1,5 @@
-"""Synthetic and human label noise (noisy-labels.md §1 protocol, §4 Fashion-MNIST choices).
+"""Synthetic and human label noise (the protocol of Cheng et al., arXiv 2411.11924,
+``Kciiiman/DD_LNL``; Fashion-MNIST choices documented below).
 
 Specs (``parse_noise_spec``):
 

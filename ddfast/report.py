@@ -3,9 +3,9 @@
 Everything here is written atomically (:mod:`ddfast.io`): a PNG or markdown file under its final name is
 always complete.
 
-- :func:`synset_input_transform` -- rebuilds the network-input transform (normalisation, ZCA) a synthetic
-  set was distilled in, from its ``preprocess`` metadata and tensors; used to transform test images and,
-  inverted, to show the synthetic images as pictures (the ZCA trap of mtt-distillation#11).
+- :func:`synset_pixels` -- the synthetic images as pictures: the network-input transform
+  (:meth:`ddfast.distill.base.SyntheticSet.input_transform`: normalisation, ZCA) inverted (the ZCA trap of
+  mtt-distillation#11).
 - :func:`save_synset_grid` -- a ``torchvision.utils.make_grid`` PNG: one row per class, normalisation and
   ZCA undone.
 - :func:`plot_curves`, :func:`plot_tad_rounds` -- matplotlib PNGs (distillation loss, accuracy over
@@ -28,7 +28,6 @@ import torch
 from .io import atomic_open, atomic_write_text
 
 __all__ = [
-    "synset_input_transform",
     "synset_pixels",
     "save_synset_grid",
     "synset_grid_rows",
@@ -46,13 +45,13 @@ BASELINE_TITLES = {
     "distilled": "distilled set",
     "random_subset": "random real subset (noisy labels)",
     "full_noisy": "full noisy training set",
-    "noisy_learner": "noisy-label learner on the full set",
+    "gce": "GCE loss on the full noisy set",
     "full_clean": "full clean training set (oracle)",
 }
 
 #: the same rows when the run adds no label noise (``--noise none``)
 _CLEAN_TITLES = {"random_subset": "random real subset", "full_noisy": "full training set",
-                 "noisy_learner": "noisy-label learner on the full set (clean labels)"}
+                 "gce": "GCE loss on the full training set"}
 
 
 def baseline_title(key: str, noise_spec: Optional[str] = None) -> str:
@@ -65,43 +64,10 @@ def baseline_title(key: str, noise_spec: Optional[str] = None) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # the synthetic set as pictures
 # ----------------------------------------------------------------------------------------------------------
-def synset_input_transform(syn) -> Any:
-    """The network-input transform of a :class:`~ddfast.distill.base.SyntheticSet`.
-
-    Reads ``syn.preprocess`` / ``syn.preprocess_state``: when ``preprocess["transform"]`` names a kind
-    (``"identity"``, ``"normalize"``, ``"zca"``, ``"compose"``), the transform is rebuilt with
-    :func:`ddfast.augment.transform_from_state_dict` from the state tensors (keys optionally prefixed with
-    ``"transform."``); otherwise ``Normalize(mean, std)`` (when ``mean``/``std`` are given) followed by a ZCA
-    from the ``zca.*`` tensors (when ``preprocess["zca"]``). Returns the identity when nothing is recorded.
-
-    Raises:
-        ValueError: ``zca`` is set but its tensors are missing.
-    """
-    from .augment import ZCA, Compose, Identity, Normalize, transform_from_state_dict
-
-    pre = dict(syn.preprocess or {})
-    state = dict(syn.preprocess_state or {})
-    kind = pre.get("transform") or pre.get("kind")
-    if isinstance(kind, str):
-        sub = {k[len("transform."):]: v for k, v in state.items() if k.startswith("transform.")}
-        return transform_from_state_dict(kind, sub if sub else state)
-    parts = []
-    if pre.get("mean") is not None and pre.get("std") is not None and pre.get("normalize", True):
-        parts.append(Normalize(pre["mean"], pre["std"]))
-    if pre.get("zca"):
-        zs = {k[len("zca."):]: v for k, v in state.items() if k.startswith("zca.")}
-        if not zs:
-            raise ValueError("synthetic set says zca=True but holds no zca.* tensors")
-        parts.append(ZCA.from_state_dict(zs))
-    if not parts:
-        return Identity()
-    return parts[0] if len(parts) == 1 else Compose(*parts)
-
-
 def synset_pixels(syn) -> torch.Tensor:
     """``float32 [M, C, H, W]`` in ``[0, 1]``: the synthetic images with the input transform undone
     (clamped; distilled pixels may leave the data range)."""
-    t = synset_input_transform(syn)
+    t = syn.input_transform()
     with torch.no_grad():
         x = t.inverse(syn.images.detach().float().cpu())
     return x.clamp(0.0, 1.0)
@@ -348,7 +314,7 @@ def render_report(m: Dict[str, Any]) -> str:
     out.append("## Test accuracy (%)")
     out.append("")
     rows = []
-    for key in ("distilled", "random_subset", "full_noisy", "noisy_learner", "full_clean"):
+    for key in ("distilled", "random_subset", "full_noisy", "gce", "full_clean"):
         r = res.get(key)
         if not r:
             continue
@@ -559,7 +525,7 @@ def sweep_table(cells: Sequence[Dict[str, Any]], md_path: Optional[str] = None,
         res = (c.get("metrics") or {}).get("results", {})
         name = str(c["method"]).upper() + (" + TAD" if c.get("tad") else "")
         add(name, col, res.get("distilled"))
-        for b in ("random_subset", "full_noisy", "noisy_learner", "full_clean"):
+        for b in ("random_subset", "full_noisy", "gce", "full_clean"):
             r = res.get(b)
             if r is None:
                 continue

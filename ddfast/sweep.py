@@ -12,7 +12,7 @@ The YAML file (see ``examples/sweep_fmnist.yaml``)::
     out: runs/sweep_fmnist          # cells go to OUT/<method>[-tad]/<noise>/ipc<K>/seed<S>
     device: auto                    # optional
     eval_runs: null                 # optional: evaluation runs (default: each method's protocol)
-    baselines: [full_noisy, random_subset, noisy_learner]
+    baselines: [full_noisy, random_subset, gce]
     overrides:                      # optional, for every cell (sections as in `ddfast run --override`)
       baseline: {epochs: 4}
     method_overrides:               # optional, per method

@@ -1,6 +1,6 @@
 """First-order (NTK) linearisation of a network around fixed base parameters, for RCIG.
 
-RCIG (Loo, Hasani, Lechner, Rus; ICML 2023, §3 "convexification"; distillers.md §3.1) evaluates a pool
+RCIG (Loo, Hasani, Lechner, Rus; ICML 2023, §3 "convexification") evaluates a pool
 model with frozen base parameters ``theta0`` and a tangent ``psi`` by one forward-mode pass:
 
     f_lin(x; psi) = u(x; psi) + phi(x; theta0)^T W,     u(x; psi) = J_theta f(x; theta0) . psi

@@ -24,9 +24,12 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from ..config import Config, option
+from ..hashing import tensor_digest
 from ..io import atomic_save_torch, atomic_write_json, load_safetensors, load_torch, save_safetensors
 
-__all__ = ["TrainSet", "SyntheticSet", "Distiller", "DistillConfig", "peak_memory_bytes", "StageTimer"]
+__all__ = ["TrainSet", "SyntheticSet", "Distiller", "DistillConfig", "DistillViews", "peak_memory_bytes", "StageTimer",
+           "labels_digest"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -171,6 +174,39 @@ class SyntheticSet:
         """``int64 [M]``: the argmax of soft labels, or the hard labels."""
         return self.labels.argmax(1) if self.soft else self.labels
 
+    def input_transform(self):
+        """The network-input transform the images live in (an :mod:`ddfast.augment` transform; apply it to test
+        images, ``.inverse`` it to get pixels back).
+
+        Reads ``preprocess`` / ``preprocess_state``: when ``preprocess["transform"]`` (or ``"kind"``) names a kind
+        (``"identity"``, ``"normalize"``, ``"zca"``, ``"compose"``, ...), the transform is rebuilt with
+        :func:`ddfast.augment.transform_from_state_dict` from the state tensors (keys optionally prefixed with
+        ``"transform."``); otherwise ``Normalize(mean, std)`` (when ``mean``/``std`` are given and
+        ``normalize`` is not false) followed by a ZCA from the ``zca.*`` tensors (when ``preprocess["zca"]``).
+        The identity when nothing is recorded.
+
+        Raises:
+            ValueError: ``zca`` is set but its tensors are missing.
+        """
+        from ..augment import ZCA, Compose, Identity, Normalize, transform_from_state_dict
+
+        pre, state = dict(self.preprocess or {}), dict(self.preprocess_state or {})
+        kind = pre.get("transform") or pre.get("kind")
+        if isinstance(kind, str):
+            sub = {k[len("transform."):]: v for k, v in state.items() if k.startswith("transform.")}
+            return transform_from_state_dict(kind, sub or state)
+        parts = []
+        if pre.get("mean") is not None and pre.get("std") is not None and pre.get("normalize", True):
+            parts.append(Normalize(pre["mean"], pre["std"]))
+        if pre.get("zca"):
+            zs = {k[len("zca."):]: v for k, v in state.items() if k.startswith("zca.")}
+            if not zs:
+                raise ValueError("synthetic set says zca=True but holds no zca.* tensors")
+            parts.append(ZCA.from_state_dict(zs))
+        if not parts:
+            return Identity()
+        return parts[0] if len(parts) == 1 else Compose(*parts)
+
     def save(self, directory: str) -> str:
         """Writes ``synset.safetensors`` (images, labels, preprocessing tensors) and ``synset.json``
         (everything else) into ``directory``, atomically. Returns the directory."""
@@ -258,25 +294,23 @@ class StageTimer:
 # the distiller
 # ----------------------------------------------------------------------------------------------------------
 @dataclass
-class DistillConfig:
-    """Fields every method config has. Methods subclass it (as dataclasses) with their own fields."""
+class DistillConfig(Config):
+    """Fields every method config has (:class:`ddfast.config.Config`: validated on construction, ``to_dict`` /
+    ``from_dict`` / ``replace``). Methods subclass it (as dataclasses) with their own fields.
 
-    ipc: int = 10
-    iterations: int = 1000
-    seed: int = 0
-    checkpoint_every: int = 100
-    eval_every: int = 0  # 0: no evaluation during distillation
+    Attributes:
+        ipc: images per class of the synthetic set (stored images for multi-formation methods).
+        iterations: distillation iterations.
+        seed: seed of every random draw of the distillation (``Distiller.generator``).
+        checkpoint_every: iterations between checkpoints (0: every iteration).
+        eval_every: evaluate the synthetic set every this many iterations during distillation (0: never).
+    """
 
-    def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]):
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"{cls.__name__}: unknown option(s) {unknown}; known: {sorted(names)}")
-        return cls(**d)
+    ipc: int = option(10, ge=1)
+    iterations: int = option(1000, ge=1)
+    seed: int = option(0)
+    checkpoint_every: int = option(100, ge=0)
+    eval_every: int = option(0, ge=0)
 
 
 class Distiller:
@@ -289,9 +323,9 @@ class Distiller:
             the method's :meth:`cache_key`; ``None`` disables caching.
         quiet: no progress bars.
 
-    Attributes set for TAD:
-        extra_loss: optional ``callable(images, labels) -> scalar Tensor`` added to the synthetic-set loss
-            by methods that support it (TAD's consistency regularisation); ``None`` turns it off.
+    Attributes:
+        extra_loss: the ``extra_loss`` of the current :meth:`run` call (``None`` outside it): a
+            ``callable(images, labels) -> scalar Tensor`` that methods supporting it add to the synthetic-set loss.
     """
 
     name = "base"
@@ -311,6 +345,7 @@ class Distiller:
         self.extra_loss: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
         self.timer = StageTimer(self.device)
         self.train: Optional[TrainSet] = None
+        self._prepared_pool: Optional[TrainSet] = None
 
     # ---- hooks a method implements -----------------------------------------------------------------
     def prepare(self, train: TrainSet) -> None:
@@ -367,41 +402,81 @@ class Distiller:
     def save_checkpoint(self, path: str) -> None:
         atomic_save_torch(self.full_state(), path)
 
-    def run(self, train: TrainSet, iterations: Optional[int] = None, *, checkpoint_dir: Optional[str] = None,
-            resume: bool = True, callback: Optional[Callable[["Distiller", Dict[str, float]], None]] = None,
+    def run(self, train: TrainSet, iterations: Optional[int] = None, *, views: Optional["DistillViews"] = None,
+            extra_loss: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+            checkpoint_dir: Optional[str] = None, resume: bool = True,
+            callback: Optional[Callable[["Distiller", Dict[str, float]], None]] = None,
             initialize: bool = True, until: Optional[int] = None) -> SyntheticSet:
-        """Prepares, initialises (or resumes) and runs ``iterations`` distillation steps (the config's
-        when None), checkpointing every ``config.checkpoint_every`` iterations into
-        ``checkpoint_dir/checkpoint.pt`` (atomically). With ``resume`` and an existing checkpoint the run
-        continues from it and ends in the same state as an uninterrupted run. ``initialize=False`` keeps
-        the current synthetic set (TAD's later rounds) and runs ``iterations`` more. ``until`` overrides
-        the target with an absolute iteration count. ``callback(distiller, metrics)`` is called after
-        every step. Returns the synthetic set."""
-        from tqdm.auto import tqdm
+        """Prepares, initialises (or resumes) and runs ``iterations`` distillation steps (the config's when None).
 
+        Args:
+            train: the real data the distillation steps draw from.
+            iterations: steps to run (default ``config.iterations``); ``until`` overrides the target with an
+                absolute iteration count.
+            views: what the other parts see (:class:`DistillViews`, TAD's diversion): ``prepare`` (experts /
+                pool) sees ``views.pool`` -- once per distiller and pool view --, ``initialize`` sees
+                ``views.init``, and the real view ``train`` is installed with :meth:`update_train` around them.
+                None: every part sees ``train``.
+            extra_loss: ``callable(images, labels) -> scalar Tensor`` added to the synthetic-set loss for the
+                duration of the call by methods that support it (TAD's consistency regularisation).
+            checkpoint_dir: ``checkpoint_dir/checkpoint.pt`` is written (atomically) every
+                ``config.checkpoint_every`` iterations and at the end; with ``resume`` and an existing
+                checkpoint the run continues from it and ends in the same state as an uninterrupted run.
+            initialize: ``False`` keeps the current synthetic set (TAD's later rounds) and runs ``iterations``
+                more.
+            callback: ``callback(distiller, metrics)`` after every step.
+
+        Returns:
+            The synthetic set.
+        """
         total = int(self.config.iterations if iterations is None else iterations)
         if until is None:
             until = total if initialize else self.iteration + total
         self.train = train
-        ckpt = os.path.join(checkpoint_dir, "checkpoint.pt") if checkpoint_dir else None
-        with self.timer("prepare"):
+        self.extra_loss = extra_loss
+        try:
+            ckpt = os.path.join(checkpoint_dir, "checkpoint.pt") if checkpoint_dir else None
+            with self.timer("prepare"):
+                self._prepare_views(train, views)
+            if ckpt and resume and os.path.exists(ckpt):
+                with self.timer("initialize"):
+                    if initialize:
+                        self._initialize_views(train, views)  # optimisers/shapes that the state then overwrites
+                    self.load_full_state(load_torch(ckpt))
+                if not self.quiet:
+                    print(f"{self.name}: resumed from {ckpt} at iteration {self.iteration}")
+            elif initialize:
+                with self.timer("initialize"):
+                    self._initialize_views(train, views)
+                    self.iteration = 0
+            self._loop(max(self.iteration, int(until)), ckpt, callback)
+        finally:
+            self.extra_loss = None
+        return self.synthetic_set()
+
+    def _prepare_views(self, train: TrainSet, views: Optional["DistillViews"]) -> None:
+        if views is None:
             self.prepare(train)
-        resumed = False
-        if ckpt and resume and os.path.exists(ckpt):
-            with self.timer("initialize"):
-                if initialize:
-                    self.initialize(train)  # builds optimisers/shapes that the state then overwrites
-                self.load_full_state(load_torch(ckpt))
-            resumed = True
-        elif initialize:
-            with self.timer("initialize"):
-                self.initialize(train)
-                self.iteration = 0
-        start_it = self.iteration
-        end_it = max(start_it, int(until))
-        if resumed and not self.quiet:
-            print(f"{self.name}: resumed from {ckpt} at iteration {start_it}")
-        bar = tqdm(total=end_it - start_it, desc=f"{self.name} distill", disable=self.quiet, leave=False,
+            return
+        pool = views.pool if views.pool is not None else train
+        if self._prepared_pool is not pool:
+            self.prepare(pool)
+            self._prepared_pool = pool
+        self.update_train(train)
+
+    def _initialize_views(self, train: TrainSet, views: Optional["DistillViews"]) -> None:
+        if views is None:
+            self.initialize(train)
+            return
+        init = views.init if views.init is not None else train
+        self.update_train(init)
+        self.initialize(init)
+        self.update_train(train)
+
+    def _loop(self, end_it: int, ckpt: Optional[str], callback) -> None:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=end_it - self.iteration, desc=f"{self.name} distill", disable=self.quiet, leave=False,
                    dynamic_ncols=True)
         with self.timer("distill"):
             while self.iteration < end_it:
@@ -420,18 +495,25 @@ class Distiller:
                 if ckpt and (self.iteration % max(1, self.config.checkpoint_every) == 0 or self.iteration == end_it):
                     self.save_checkpoint(ckpt)
         bar.close()
-        return self.synthetic_set()
+
+
+@dataclass(frozen=True)
+class DistillViews:
+    """What the parts of a distiller see besides the real data of the steps (TAD's diversion):
+
+    Attributes:
+        pool: the :class:`TrainSet` that :meth:`Distiller.prepare` builds the expert trajectories (DATM) or the
+            model pool (DANCE, RCIG) from; ``None`` = the real view. Prepared once per distiller and view
+            object: pass the same object to later ``run`` calls to keep the experts / pool.
+        init: the :class:`TrainSet` the synthetic images (and labels) are initialised from; ``None`` = the real
+            view.
+    """
+
+    pool: Optional[TrainSet] = None
+    init: Optional[TrainSet] = None
 
 
 def labels_digest(train: TrainSet) -> str:
     """A short content hash of the labels, trust mask and replacement labels (cache keys)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    h.update(train.labels.cpu().numpy().tobytes())
-    h.update(str(tuple(train.images.shape)).encode())
-    if train.trusted_mask is not None:
-        h.update(train.trusted_mask.cpu().numpy().tobytes())
-    if train.replacement_labels is not None:
-        h.update(train.replacement_labels.cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+    return tensor_digest(train.labels, train.trusted_mask, train.replacement_labels,
+                         torch.tensor(list(train.images.shape)), with_meta=True)

@@ -1,5 +1,5 @@
 """DANCE -- Dual-view distribution AligNment for dataset CondEnsation (Zhang, Li, Lin, Wang, Qian, Ge;
-IJCAI 2024, arXiv 2406.01063; official code Hansong-Zhang/DANCE, built on IDC). distillers.md §2.
+IJCAI 2024, arXiv 2406.01063; official code Hansong-Zhang/DANCE, built on IDC).
 
 What is distilled
 -----------------
@@ -33,14 +33,14 @@ WACV 2023, eq. 4) through interpolated encoders; the calibration (paper §3.3) i
 fully trained expert. As in the reference they are *not* summed: each drives its own per-class steps of
 the one image optimiser, so every per-class step also moves the other classes' images by momentum.
 
-``batched_classes=True`` (off by default; distillers.md §2.8) runs all classes in one forward: the PLTDA
+``batched_classes=True`` (off by default) runs all classes in one forward: the PLTDA
 loss becomes ``sum_c L_c`` (segmented per-class means) and the calibration ``sum_c CE_c`` (each class's
 mean CE), each one optimiser step per iteration instead of ``C``. Every image receives the same gradient it
 would get in its own class step, but the optimiser semantics change: 2 momentum steps per iteration
 instead of ``2C`` (so momentum now carries over between iterations), and class ``c``'s step no longer sees
 the momentum-moved images of classes ``< c``.
 
-TAD (noisy-labels.md §3)
+TAD (:mod:`ddfast.tad`)
 ------------------------
 - The pool is trained on ``TrainSet.effective()`` (trusted samples, replacement labels); real batches,
   the random/mix initialisation and the per-class statistics come only from the trusted samples.
@@ -65,9 +65,6 @@ Deviations from the reference (documented choices)
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
@@ -76,6 +73,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..augment import Normalize, diffaug
+from ..config import option, set_path
+from ..data import canonical_name
+from ..hashing import tensor_digest
 from ..models import load_flat
 from .base import Distiller, DistillConfig, SyntheticSet, TrainSet
 from .pool import ModelPool, PoolConfig, build_pool
@@ -84,8 +84,6 @@ __all__ = ["DANCE", "DANCEConfig", "preset_config", "PRESET_DOCS", "decode", "mi
            "images_digest"]
 
 _INITS = ("auto", "random", "mix", "noise")
-_DATASET_ALIASES = {"fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist",
-                    "fashion": "fashion-mnist", "cifar-10": "cifar10", "cifar-100": "cifar100"}
 # datasets whose evaluation augmentation drops horizontal flips (the reference: mnist, svhn)
 _NO_FLIP = ("mnist", "digits", "svhn")
 
@@ -96,8 +94,7 @@ _NO_FLIP = ("mnist", "digits", "svhn")
 @dataclass
 class DANCEConfig(DistillConfig):
     """DANCE's options. Defaults: the official ``--reproduce`` values for CIFAR-10/100 and the other small
-    datasets (``arguments/reproduce_condense.py``, ``arg_condense.py``, ``reproduce_pretrain.py``;
-    distillers.md §2.4).
+    datasets (``arguments/reproduce_condense.py``, ``arg_condense.py``, ``reproduce_pretrain.py``).
 
     Attributes:
         ipc: stored images per class (module docstring); iterations: ``niter`` (10,000).
@@ -113,10 +110,12 @@ class DANCEConfig(DistillConfig):
         iter_calib: calibration rounds per iteration (1; 0 turns the inter-class view off).
         aug_type: DiffAug strategy for matching and calibration (``"color_crop_cutout"``, batch-shared).
         batched_classes: all classes in one forward, one step per view (module docstring). Off.
-        net_model, net_width, net_depth, net_norm: the pool architecture (ConvNet-3, 128, instance norm).
-        pretrain_*: the pool recipe (:class:`ddfast.distill.pool.PoolConfig`): amount 20, epochs 60, SGD lr
-            0.01 / momentum 0.9 / wd 5e-4, batch 64, DiffAug ``color_crop``, CutMix p 0.5 beta 1, ``subset``
-            0 (all samples), ``seed`` 0 (independent of ``seed`` so that runs share a cached pool).
+        pool: the pretrained pool (:class:`ddfast.distill.pool.PoolConfig`, a nested config): ``net`` (the
+            ConvNet of the middle encoders and the calibration expert: ConvNet-3, width 128, instance norm),
+            ``amount`` (``pretrain_amount``, 20), ``epochs`` (``pretrain_epochs``, 60), SGD ``lr`` 0.01 /
+            ``momentum`` 0.9 / ``weight_decay`` 5e-4, ``batch_size`` 64, DiffAug ``aug`` ``"color_crop"``, CutMix
+            ``cutmix_p`` 0.5 / ``cutmix_beta`` 1, ``subset`` 0 (all samples), ``seed`` 0 (independent of ``seed``
+            so that runs share a cached pool). Set with ``pool={"epochs": 4}`` or ``-O distill.pool.epochs=4``.
         eval_width, eval_epochs, eval_runs: the evaluation network width (ConvNet-3), epochs (1500) and
             number of runs (5) written into ``SyntheticSet.eval_config``.
         eval_dsa_strategy: evaluation DSA strategy; ``None`` = ``color_crop_flip_scale_rotate`` (no flip for
@@ -126,89 +125,38 @@ class DANCEConfig(DistillConfig):
         ValueError: a bad value, naming the field.
     """
 
-    iterations: int = 10000
-    checkpoint_every: int = 500
-    factor: int = 2
-    decode_type: str = "single"
-    init: str = "auto"
-    lr_img: Optional[float] = None
-    mom_img: float = 0.5
-    batch_real: int = 128
-    batch_syn_max: int = 200
-    num_premodel: int = 5
-    iter_calib: int = 1
-    aug_type: str = "color_crop_cutout"
-    batched_classes: bool = False
-    net_model: str = "convnet"
-    net_width: int = 128
-    net_depth: int = 3
-    net_norm: str = "instance"
-    pretrain_amount: int = 20
-    pretrain_epochs: int = 60
-    pretrain_lr: float = 0.01
-    pretrain_momentum: float = 0.9
-    pretrain_weight_decay: float = 5e-4
-    pretrain_batch: int = 64
-    pretrain_aug: str = "color_crop"
-    pretrain_cutmix_p: float = 0.5
-    pretrain_cutmix_beta: float = 1.0
-    pretrain_subset: int = 0
-    pretrain_seed: int = 0
-    eval_width: int = 128
-    eval_epochs: int = 1500
-    eval_runs: int = 5
-    eval_dsa_strategy: Optional[str] = None
+    iterations: int = option(10000, ge=1)
+    checkpoint_every: int = option(500, ge=1)
+    seed: int = option(0, ge=0)
+    factor: int = option(2, ge=1)
+    decode_type: str = option("single", choices=("single",))
+    init: str = option("auto", choices=_INITS)
+    lr_img: Optional[float] = option(None, gt=0)
+    mom_img: float = option(0.5, ge=0, lt=1)
+    batch_real: int = option(128, ge=1)
+    batch_syn_max: int = option(200, ge=1)
+    num_premodel: int = option(5, ge=1)
+    iter_calib: int = option(1, ge=0)
+    aug_type: str = option("color_crop_cutout")
+    batched_classes: bool = option(False)
+    pool: PoolConfig = option(factory=PoolConfig)
+    eval_width: int = option(128, ge=1)
+    eval_epochs: int = option(1500, ge=1)
+    eval_runs: int = option(5, ge=1)
+    eval_dsa_strategy: Optional[str] = option(None)
 
-    def __post_init__(self):
-        def posint(name, minimum=1):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-                raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
-
-        for name in ("ipc", "iterations", "checkpoint_every", "factor", "batch_real", "batch_syn_max",
-                     "num_premodel", "net_width", "net_depth", "eval_width", "eval_epochs", "eval_runs"):
-            posint(name)
-        for name in ("iter_calib", "eval_every", "seed", "pretrain_seed"):
-            posint(name, 0)
-        if self.decode_type != "single":
-            raise ValueError(f"decode_type must be 'single' (uniform multi-formation), got {self.decode_type!r}")
-        if self.init not in _INITS:
-            raise ValueError(f"init must be one of {_INITS}, got {self.init!r}")
-        if self.lr_img is not None and not (isinstance(self.lr_img, (int, float)) and self.lr_img > 0
-                                            and math.isfinite(self.lr_img)):
-            raise ValueError(f"lr_img must be None or a finite number > 0, got {self.lr_img!r}")
-        if not (isinstance(self.mom_img, (int, float)) and 0 <= self.mom_img < 1):
-            raise ValueError(f"mom_img must be in [0, 1), got {self.mom_img!r}")
-        if not isinstance(self.batched_classes, bool):
-            raise ValueError(f"batched_classes must be a bool, got {self.batched_classes!r}")
-        try:
-            diffaug(self.aug_type)
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"aug_type is not a DiffAug strategy: {exc}") from None
-        if self.eval_dsa_strategy is not None:
-            try:
-                diffaug(self.eval_dsa_strategy)
-            except (ValueError, TypeError) as exc:
-                raise ValueError(f"eval_dsa_strategy is not a DSA strategy: {exc}") from None
-        if self.net_norm not in ("instance", "batch", "layer", "none"):
-            raise ValueError(f"net_norm must be 'instance', 'batch', 'layer' or 'none', got {self.net_norm!r}")
-        if self.net_model not in ("convnet", "convnet_datm"):
-            raise ValueError(f"net_model must be 'convnet' (DANCE's ConvNet), got {self.net_model!r}")
-        self.pool_config().validate(prefix="pretrain_")
-        if self.num_premodel > self.pretrain_amount:
-            raise ValueError(f"num_premodel ({self.num_premodel}) must be <= pretrain_amount "
-                             f"({self.pretrain_amount})")
-
-    def pool_config(self) -> PoolConfig:
-        """The pool recipe. Field names map ``pretrain_X`` -> ``X`` (``pretrain_batch`` -> ``batch_size``,
-        ``net_width`` -> ``width`` ...); an error names the ``pretrain_`` field (``pretrain_width`` stands for
-        ``net_width``)."""
-        return PoolConfig(amount=self.pretrain_amount, epochs=self.pretrain_epochs, model=self.net_model,
-                          width=self.net_width, depth=self.net_depth, norm=self.net_norm, lr=self.pretrain_lr,
-                          momentum=self.pretrain_momentum, weight_decay=self.pretrain_weight_decay,
-                          batch_size=self.pretrain_batch, aug=self.pretrain_aug,
-                          cutmix_p=self.pretrain_cutmix_p, cutmix_beta=self.pretrain_cutmix_beta,
-                          subset=self.pretrain_subset, seed=self.pretrain_seed)
+    def check(self) -> None:
+        for name in ("aug_type", "eval_dsa_strategy"):
+            value = getattr(self, name)
+            if value is not None:
+                try:
+                    diffaug(value)
+                except (ValueError, TypeError) as exc:
+                    self.fail(name, f"is not a DiffAug strategy: {exc}")
+        if self.pool.net.model not in ("convnet", "convnet_datm"):
+            self.fail("pool.net.model", f"must be 'convnet' (DANCE's ConvNet), got {self.pool.net.model!r}")
+        if self.num_premodel > self.pool.amount:
+            self.fail("num_premodel", f"({self.num_premodel}) must be <= pool.amount ({self.pool.amount})")
 
     @property
     def lr_img_resolved(self) -> float:
@@ -293,24 +241,17 @@ def mix_tiles(real: torch.Tensor, n: int, factor: int) -> torch.Tensor:
 
 
 def images_digest(images: torch.Tensor) -> str:
-    """16 hex digits of SHA-256 over the image bytes and shape (pool cache keys)."""
-    h = hashlib.sha256(str(tuple(images.shape)).encode())
-    h.update(images.detach().cpu().contiguous().numpy())
-    return h.hexdigest()[:16]
-
-
-def _canonical_dataset(name: str) -> str:
-    key = str(name).lower()
-    return _DATASET_ALIASES.get(key, key)
+    """16 hex digits of SHA-256 over the image shape and bytes (pool cache keys)."""
+    return tensor_digest(images, with_meta=True)
 
 
 def dance_eval_config(config: DANCEConfig, dataset: str = "custom") -> Dict[str, Any]:
     """DANCE's evaluation protocol as :class:`ddfast.evaluate.EvalConfig` fields (``arg_condense.py``,
-    ``train.py``; distillers.md §2.4): ConvNet-3 (width ``eval_width``), SGD lr 0.01, momentum 0.9, wd 5e-4,
+    ``train.py``): ConvNet-3 (width ``eval_width``), SGD lr 0.01, momentum 0.9, wd 5e-4,
     batch 64, MultiStepLR x0.2 at 2/3 and 5/6, ``eval_epochs`` epochs, CE on hard labels, DSA
     ``color_crop_flip_scale_rotate`` in IDC's mode (flip and colour always, one of crop/scale/rotate per
     batch, per-sample parameters) + CutMix p 0.5, beta 1. Accuracy: last epoch."""
-    ds = _canonical_dataset(dataset)
+    ds = canonical_name(dataset)
     strategy = config.eval_dsa_strategy
     if strategy is None:
         strategy = "color_crop_scale_rotate" if ds in _NO_FLIP else "color_crop_flip_scale_rotate"
@@ -377,7 +318,7 @@ class DANCE(Distiller):
         images, labels, _ = train.effective()
         norm = Normalize(train.mean, train.std)
         key = self.cache_key(train) if self.cache_dir is not None else None
-        return self.set_pool(build_pool(images, labels, train.num_classes, norm, self.config.pool_config(),
+        return self.set_pool(build_pool(images, labels, train.num_classes, norm, self.config.pool,
                                         key=key, cache_dir=self.cache_dir, device=self.device, quiet=self.quiet))
 
     def set_pool(self, pool: ModelPool) -> ModelPool:
@@ -482,7 +423,7 @@ class DANCE(Distiller):
         return self.pool.module(self.pool.middle(k, lam))
 
     def pltda_loss(self, model: nn.Module, real: torch.Tensor, syn: torch.Tensor, seed: int) -> torch.Tensor:
-        """PLTDA / DM loss (distillers.md §2.1): ``||mean phi(A(real)) - mean phi(A(syn))||^2`` with one
+        """PLTDA / DM loss (Zhang et al., IJCAI 2024, eq. 4): ``||mean phi(A(real)) - mean phi(A(syn))||^2`` with one
         batch-shared DiffAug draw ``seed`` for both batches, after normalisation. ``real``/``syn``:
         ``float [n, ch, H, W]`` in [0, 1]; gradient flows into ``syn`` only. Returns a scalar."""
         with torch.no_grad():
@@ -491,7 +432,7 @@ class DANCE(Distiller):
         return (fr - fs).pow(2).sum()
 
     def calib_loss(self, model: nn.Module, syn: torch.Tensor, c: int, seed: int) -> torch.Tensor:
-        """Distribution calibration (distillers.md §2.1): ``CE(f_expert(A(syn)), c)`` (mean over images)."""
+        """Distribution calibration (Zhang et al., IJCAI 2024, eq. 6): ``CE(f_expert(A(syn)), c)`` (mean over images)."""
         logits = model(self.aug(self.normalize(syn), seed))
         return F.cross_entropy(logits, torch.full((syn.shape[0],), c, dtype=torch.long, device=syn.device))
 
@@ -668,12 +609,12 @@ PRESET_DOCS = {
 def preset_config(preset: str, dataset: str, ipc: int, **overrides: Any) -> DANCEConfig:
     """DANCE's config for a preset.
 
-    ``"full"``: the official reproduce values (distillers.md §2.4) for every small dataset: the reference's
+    ``"full"``: the official reproduce values (``arguments/reproduce_*.py``) for every small dataset: the reference's
     ``--reproduce`` branch applies one setting to CIFAR-10/100, SVHN, MNIST and Fashion-MNIST alike
     (Fashion-MNIST: 28x28x1, ConvNet's first conv padded by 3 so the features are 128x4x4 as for CIFAR,
     evaluation with flips). Factor 2 for IPC 1/10/50: the repository gives no per-IPC factor; factor 2 is
     IDC's setting for these datasets, the README's example (IPC 50) and the noisy-label study's DANCE
-    protocol (noisy-labels.md §1). At IPC 50 with factor 2 the 200 decoded images per class equal
+    protocol (Cheng et al., arXiv 2411.11924, ``Kciiiman/DD_LNL``). At IPC 50 with factor 2 the 200 decoded images per class equal
     ``batch_syn_max``, so every decoded image takes part in every step.
 
     ``"quick"``: see :data:`PRESET_DOCS` (tuned on Fashion-MNIST IPC 10; benchmarks/RESULTS.md).
@@ -685,20 +626,16 @@ def preset_config(preset: str, dataset: str, ipc: int, **overrides: Any) -> DANC
         raise ValueError(f"unknown preset {preset!r}; choose 'quick' or 'full'")
     if isinstance(ipc, bool) or not isinstance(ipc, int) or ipc < 1:
         raise ValueError(f"ipc must be a positive int, got {ipc!r}")
-    _canonical_dataset(dataset)
     if preset == "full":
         values: Dict[str, Any] = dict(ipc=ipc, iterations=10000, checkpoint_every=500, factor=2, lr_img=None,
                                       mom_img=0.5, batch_real=128, batch_syn_max=200, num_premodel=5, iter_calib=1,
-                                      net_width=128, net_depth=3, pretrain_amount=20, pretrain_epochs=60,
-                                      pretrain_subset=0, eval_width=128, eval_epochs=1500, eval_runs=5)
+                                      pool=dict(net=dict(width=128, depth=3), amount=20, epochs=60, subset=0),
+                                      eval_width=128, eval_epochs=1500, eval_runs=5)
     else:
         values = dict(ipc=ipc, iterations=250, checkpoint_every=50, factor=2, lr_img=0.05 * ipc, mom_img=0.5,
-                      batch_real=64, batch_syn_max=200, num_premodel=3, iter_calib=1, net_width=32, net_depth=3,
-                      pretrain_amount=3, pretrain_epochs=4, pretrain_subset=12000, eval_width=32, eval_epochs=300,
-                      eval_runs=5)
-    names = {f.name for f in dataclasses.fields(DANCEConfig)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise ValueError(f"DANCEConfig: unknown option(s) {unknown}; known: {sorted(names)}")
-    values.update(overrides)
-    return DANCEConfig(**values)
+                      batch_real=64, batch_syn_max=200, num_premodel=3, iter_calib=1,
+                      pool=dict(net=dict(width=32, depth=3), amount=3, epochs=4, subset=12000),
+                      eval_width=32, eval_epochs=300, eval_runs=5)
+    for name, value in overrides.items():
+        set_path(values, name, value, DANCEConfig)
+    return DANCEConfig.from_dict(values)

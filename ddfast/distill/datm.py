@@ -1,7 +1,7 @@
 """DATM: difficulty-aligned trajectory matching (Guo, Wang, Cazenavette, Li, Zhang, You; ICLR 2024), with MTT's
 loss (Cazenavette et al., CVPR 2022) and TESLA's constant-memory gradient (Cui et al., ICML 2023).
 
-What one distillation iteration computes (distillers.md §1.1-1.3, the official ``distill/DATM.py``):
+What one distillation iteration computes (Guo et al., ICLR 2024, §3; the official ``distill/DATM.py``):
 
 1. Take the next expert trajectory (experts visited in a random order, reshuffled after each pass) and a start
    epoch ``t ~ U{min_start_epoch, ..., upper - 1}`` with the *difficulty-aligned window*
@@ -23,7 +23,7 @@ Gradient modes (``grad_mode``):
 
 - ``"unroll"`` -- MTT/DATM's full back-propagation through the ``N`` unrolled steps (``create_graph=True`` at
   every step; memory grows linearly in ``N * batch_syn``).
-- ``"tesla"`` -- TESLA's two passes (distillers.md §1.9). Pass 1 unrolls with detached gradients, keeping each
+- ``"tesla"`` -- TESLA's two passes (Cui et al., ICML 2023, §4; ``distill/DATM_tesla.py``). Pass 1 unrolls with detached gradients, keeping each
   step's parameters ``theta_i``, batch indices and DSA seed and the sum ``G = sum_i g_i``. With
   ``v = dL/dG = 2 [alpha (theta* - theta_0) + alpha^2 G] / D`` (:func:`ddfast.ops.tesla_quantities`), pass 2
   recomputes each ``g_i`` with ``create_graph=True`` (same batch, same DSA seed) and back-propagates the scalar
@@ -42,7 +42,7 @@ Gradient modes (``grad_mode``):
   ``-(H_1 v) . g_0`` -- both checked to float64 precision in ``tests/test_distill_datm.py``; the error is
   ``O(alpha^2)`` relative to the ``O(alpha)`` gradient.
 
-Data flow and noise (TAD, noisy-labels.md §3): the experts train on ``TrainSet.effective()`` (the trusted
+Data flow and noise (TAD, :mod:`ddfast.tad`): the experts train on ``TrainSet.effective()`` (the trusted
 samples with replacement labels), and the synthetic images and their soft labels are initialised from that
 subset only. The input transform (ZCA, fit with no labels) is fitted once on all training images. Everything is
 in network-input space: the synthetic images are stored after the transform, as MTT/DATM store them.
@@ -64,15 +64,13 @@ built sharded over the ranks (:func:`ddfast.distill.experts.train_experts`).
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
+import copy
 import json
 import logging
-import math
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -80,13 +78,16 @@ import torch.nn.functional as F
 
 from .. import distributed as dd
 from ..augment import DSA, build_input_transform, transform_from_state_dict
+from ..config import option, set_path
+from ..data import canonical_name
+from ..hashing import digest, tensor_digest
 from ..io import load_safetensors, save_safetensors
-from ..models import functional_forward, get_model
+from ..models import functional_forward
 from ..ops import tesla_quantities, trajectory_matching_loss
 from .base import DistillConfig, Distiller, SyntheticSet, TrainSet
 from .experts import ExpertBuffer, ExpertRecipe, buffer_directory, train_experts
 
-__all__ = ["DATM", "DATMConfig", "preset_config", "PRESET_DOCS", "soft_cross_entropy", "evaluate_synthetic"]
+__all__ = ["DATM", "DATMConfig", "preset_config", "PRESET_DOCS", "soft_cross_entropy"]
 
 logger = logging.getLogger("ddfast.distill.datm")
 
@@ -100,21 +101,21 @@ class DATMConfig(DistillConfig):
     """DATM's options (defaults: the official code's ``utils/cfg.py`` and CIFAR-10 IPC10 config).
 
     Network and input:
-        model, width, depth: the ConvNet (:func:`ddfast.models.get_model` name; width 128, depth 3).
         preprocess: network-input transform, ``"zca"`` (DATM: ZCA on the raw [0, 1] pixels, kornia eps 0.1),
             ``"normalize+zca"``, ``"normalize"`` or ``"none"``; zca_eps: ZCA regulariser (0.1).
         dsa, dsa_strategy: DSA in experts, distillation and evaluation.
 
-    Expert buffer (:class:`ddfast.distill.experts.ExpertRecipe`):
-        num_experts (100), train_epochs (E, 100 in DATM's README), lr_teacher (0.01, also alpha's initial
-        value), expert_momentum (0), expert_weight_decay (0), expert_batch (256), expert_optimizer
-        (``"gsam"``: FTD/DATM; ``"sgd"``: MTT), gsam_rho (0.01), gsam_alpha (0.3), gsam_adaptive (True),
-        expert_subset (samples per class per expert, 0 = all), expert_seed (0), expert_parallel (experts
-        trained at once, 0 = all), expert_vmap (True / False / ``"auto"``).
+    Expert buffer ``expert`` (:class:`ddfast.distill.experts.ExpertRecipe`, a nested config): ``net`` (the
+    ConvNet of experts *and* student: ConvNet-3, width 128, instance norm), ``num_experts`` (100), ``epochs``
+    (``train_epochs``, 100 in DATM's README), ``lr`` (``lr_teacher``, 0.01, also alpha's initial value),
+    ``momentum`` (0), ``weight_decay`` (0), ``batch_size`` (256), ``optimizer`` (``"gsam"``: FTD/DATM;
+    ``"sgd"``: MTT), ``gsam_rho`` (0.01), ``gsam_alpha`` (0.3), ``gsam_adaptive`` (True), ``subset_per_class``
+    (0 = all), ``seed`` (0), ``parallel`` (0 = all), ``vmap`` (``"auto"``). Set with ``expert={"epochs": 6}`` or
+    ``-O distill.expert.epochs=6``.
 
     Distillation:
         syn_steps (N, 80), expert_epochs (M, 2), batch_syn (0 = all ``ipc * C`` images), lr_img (100),
-        lr_lr (1e-5), lr_y (2), momentum_y (0.9), lr_init (``None`` = ``lr_teacher``), threshold (1.0),
+        lr_lr (1e-5), lr_y (2), momentum_y (0.9), lr_init (``None`` = ``expert.lr``), threshold (1.0),
         min_start_epoch (0), current_max_start_epoch (10), max_start_epoch (20), expansion_end_epoch (1000),
         sequential_generation (True), pix_init (``"samples_predicted_correctly"``, ``"real"``, ``"noise"``),
         label_init (``"correct_experts"``: average logits of the experts that classify the image correctly;
@@ -129,131 +130,61 @@ class DATMConfig(DistillConfig):
         ValueError: a bad value, naming the field (checked on construction).
     """
 
-    iterations: int = 10000
-    model: str = "convnet"
-    width: int = 128
-    depth: int = 3
-    preprocess: str = "zca"
-    zca_eps: float = 0.1
-    dsa: bool = True
-    dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
+    iterations: int = option(10000, ge=1)
+    preprocess: str = option("zca", choices=_PREPROCESS)
+    zca_eps: float = option(0.1, gt=0)
+    dsa: bool = option(True)
+    dsa_strategy: str = option("color_crop_cutout_flip_scale_rotate")
     # expert buffer
-    num_experts: int = 100
-    train_epochs: int = 100
-    lr_teacher: float = 0.01
-    expert_momentum: float = 0.0
-    expert_weight_decay: float = 0.0
-    expert_batch: int = 256
-    expert_optimizer: str = "gsam"
-    gsam_rho: float = 0.01
-    gsam_alpha: float = 0.3
-    gsam_adaptive: bool = True
-    expert_subset: int = 0
-    expert_seed: int = 0
-    expert_parallel: int = 0
-    expert_vmap: Union[bool, str] = "auto"
+    expert: ExpertRecipe = option(factory=lambda: ExpertRecipe(epochs=100))
     # distillation
-    syn_steps: int = 80
-    expert_epochs: int = 2
-    batch_syn: int = 0
-    lr_img: float = 100.0
-    lr_lr: float = 1e-5
-    lr_y: float = 2.0
-    momentum_y: float = 0.9
-    lr_init: Optional[float] = None
-    threshold: float = 1.0
-    min_start_epoch: int = 0
-    current_max_start_epoch: int = 10
-    max_start_epoch: int = 20
-    expansion_end_epoch: int = 1000
-    sequential_generation: bool = True
-    pix_init: str = "samples_predicted_correctly"
-    label_init: str = "correct_experts"
-    label_model_timestamp: int = -1
-    grad_mode: str = "unroll"
+    syn_steps: int = option(80, ge=1)
+    expert_epochs: int = option(2, ge=1)
+    batch_syn: int = option(0, ge=0)
+    lr_img: float = option(100.0, ge=0)
+    lr_lr: float = option(1e-5, ge=0)
+    lr_y: float = option(2.0, ge=0)
+    momentum_y: float = option(0.9, ge=0, lt=1)
+    lr_init: Optional[float] = option(None, gt=0)
+    threshold: float = option(1.0, gt=0)
+    min_start_epoch: int = option(0, ge=0)
+    current_max_start_epoch: int = option(10)
+    max_start_epoch: int = option(20)
+    expansion_end_epoch: int = option(1000, ge=1)
+    sequential_generation: bool = option(True)
+    pix_init: str = option("samples_predicted_correctly", choices=_PIX_INITS)
+    label_init: str = option("correct_experts", choices=_LABEL_INITS)
+    label_model_timestamp: int = option(-1)
+    grad_mode: str = option("unroll", choices=("unroll", "tesla"))
     # evaluation protocol
-    eval_epochs: int = 1000
-    eval_batch: int = 128
-    eval_runs: int = 5
+    eval_epochs: int = option(1000, ge=1)
+    eval_batch: int = option(128, ge=1)
+    eval_runs: int = option(5, ge=1)
 
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self) -> "DATMConfig":
-        """Raises ``ValueError`` naming the first bad field; returns ``self``."""
-        def pos_int(name, minimum=1):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-                raise ValueError(f"DATMConfig.{name} must be an int >= {minimum}, got {v!r}")
-
-        def pos_float(name, allow_zero=False):
-            v = getattr(self, name)
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (
-                v >= 0 if allow_zero else v > 0)
-            if not ok:
-                raise ValueError(f"DATMConfig.{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, "
-                                 f"got {v!r}")
-
-        for n in ("ipc", "iterations", "width", "depth", "num_experts", "train_epochs", "expert_batch",
-                  "syn_steps", "expert_epochs", "expansion_end_epoch", "eval_epochs", "eval_batch", "eval_runs"):
-            pos_int(n)
-        for n in ("batch_syn", "expert_subset", "expert_parallel", "min_start_epoch", "checkpoint_every",
-                  "eval_every"):
-            pos_int(n, 0)
-        for n in ("lr_teacher", "zca_eps", "threshold"):
-            pos_float(n)
-        for n in ("lr_img", "lr_lr", "lr_y", "expert_weight_decay", "gsam_rho", "gsam_alpha"):
-            pos_float(n, allow_zero=True)
-        if self.lr_init is not None:
-            pos_float("lr_init")
-        for n in ("momentum_y", "expert_momentum"):
-            v = getattr(self, n)
-            if not (isinstance(v, (int, float)) and 0 <= v < 1):
-                raise ValueError(f"DATMConfig.{n} must be in [0, 1), got {v!r}")
-        if self.preprocess not in _PREPROCESS:
-            raise ValueError(f"DATMConfig.preprocess must be one of {_PREPROCESS}, got {self.preprocess!r}")
-        if self.expert_optimizer not in ("gsam", "sgd"):
-            raise ValueError(f"DATMConfig.expert_optimizer must be 'gsam' or 'sgd', got {self.expert_optimizer!r}")
-        if self.expert_vmap not in (True, False, "auto"):
-            raise ValueError(f"DATMConfig.expert_vmap must be True, False or 'auto', got {self.expert_vmap!r}")
-        if self.pix_init not in _PIX_INITS:
-            raise ValueError(f"DATMConfig.pix_init must be one of {_PIX_INITS}, got {self.pix_init!r}")
-        if self.label_init not in _LABEL_INITS:
-            raise ValueError(f"DATMConfig.label_init must be one of {_LABEL_INITS}, got {self.label_init!r}")
-        if self.grad_mode not in ("unroll", "tesla"):
-            raise ValueError(f"DATMConfig.grad_mode must be 'unroll' or 'tesla', got {self.grad_mode!r}")
-        if not isinstance(self.dsa, bool):
-            raise ValueError(f"DATMConfig.dsa must be a bool, got {self.dsa!r}")
+    def check(self) -> None:
         try:
             DSA(self.dsa_strategy)
         except (ValueError, TypeError) as exc:
-            raise ValueError(f"DATMConfig.dsa_strategy: {exc}") from None
+            self.fail("dsa_strategy", str(exc))
         # the difficulty-aligned window must fit into the trajectories
         if self.max_start_epoch <= self.min_start_epoch:
-            raise ValueError(f"DATMConfig.max_start_epoch ({self.max_start_epoch}) must be > min_start_epoch "
-                             f"({self.min_start_epoch})")
+            self.fail("max_start_epoch", f"({self.max_start_epoch}) must be > min_start_epoch ({self.min_start_epoch})")
         if self.sequential_generation and not (self.min_start_epoch < self.current_max_start_epoch
                                                <= self.max_start_epoch):
-            raise ValueError(f"DATMConfig.current_max_start_epoch ({self.current_max_start_epoch}) must lie in "
-                             f"(min_start_epoch, max_start_epoch] = ({self.min_start_epoch}, {self.max_start_epoch}]")
-        if self.max_start_epoch - 1 + self.expert_epochs > self.train_epochs:
-            raise ValueError(f"DATMConfig.train_epochs ({self.train_epochs}) is too small for max_start_epoch "
-                             f"({self.max_start_epoch}, exclusive) + expert_epochs ({self.expert_epochs}): the last "
-                             f"target snapshot would be epoch {self.max_start_epoch - 1 + self.expert_epochs}")
-        if not -(self.train_epochs + 1) <= self.label_model_timestamp <= self.train_epochs:
-            raise ValueError(f"DATMConfig.label_model_timestamp {self.label_model_timestamp} is outside the "
-                             f"{self.train_epochs + 1} snapshots")
-        return self
+            self.fail("current_max_start_epoch", f"({self.current_max_start_epoch}) must lie in (min_start_epoch, "
+                      f"max_start_epoch] = ({self.min_start_epoch}, {self.max_start_epoch}]")
+        epochs = self.expert.epochs
+        if self.max_start_epoch - 1 + self.expert_epochs > epochs:
+            self.fail("expert.epochs", f"({epochs}) is too small for max_start_epoch ({self.max_start_epoch}, "
+                      f"exclusive) + expert_epochs ({self.expert_epochs}): the last target snapshot would be epoch "
+                      f"{self.max_start_epoch - 1 + self.expert_epochs}")
+        if not -(epochs + 1) <= self.label_model_timestamp <= epochs:
+            self.fail("label_model_timestamp", f"{self.label_model_timestamp} is outside the {epochs + 1} snapshots")
 
-    def expert_recipe(self) -> ExpertRecipe:
-        """The :class:`ExpertRecipe` these options describe."""
-        return ExpertRecipe(model=self.model, model_kwargs={"width": self.width, "depth": self.depth},
-                            num_experts=self.num_experts, epochs=self.train_epochs, lr=self.lr_teacher,
-                            momentum=self.expert_momentum, weight_decay=self.expert_weight_decay,
-                            batch_size=self.expert_batch, optimizer=self.expert_optimizer, gsam_rho=self.gsam_rho,
-                            gsam_alpha=self.gsam_alpha, gsam_adaptive=self.gsam_adaptive, dsa=self.dsa,
-                            dsa_strategy=self.dsa_strategy, subset_per_class=self.expert_subset,
-                            seed=self.expert_seed, parallel=self.expert_parallel, vmap=self.expert_vmap)
+    @property
+    def net(self):
+        """The experts' and the student's network (``expert.net``)."""
+        return self.expert.net
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -265,15 +196,7 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 
 def _digest(*tensors: Optional[torch.Tensor]) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for t in tensors:
-        if t is None:
-            h.update(b"none")
-            continue
-        t = t.detach().contiguous().cpu()
-        h.update(str((tuple(t.shape), str(t.dtype))).encode())
-        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
-    return h.hexdigest()
+    return tensor_digest(*tensors, with_meta=True, n=32)
 
 
 class DATM(Distiller):
@@ -330,7 +253,8 @@ class DATM(Distiller):
         return {"method": self.name, "dataset": train.name, "num_classes": int(train.num_classes),
                 "images": _digest(train.images), "labels": _digest(train.labels),
                 "trusted": _digest(idx, train.effective_labels()[idx]),
-                "preprocess": cfg.preprocess, "zca_eps": cfg.zca_eps, "recipe": cfg.expert_recipe().key()}
+                "preprocess": cfg.preprocess, "zca_eps": cfg.zca_eps, "recipe": cfg.expert.key(),
+               "dsa_strategy": cfg.dsa_strategy if cfg.dsa else None}
 
     # ---- prepare: transform + experts -------------------------------------------------------------------
     def _fit_transform(self, train: TrainSet):
@@ -342,7 +266,7 @@ class DATM(Distiller):
         if self.cache_dir is not None:
             key = {"images": _digest(train.images), "kind": kind, "eps": cfg.zca_eps, "mean": list(train.mean),
                    "std": list(train.std)}
-            h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+            h = digest(key)
             path = os.path.join(self.cache_dir, "datm_transforms", f"{h}.safetensors")
             if os.path.exists(path):
                 from safetensors import safe_open
@@ -378,23 +302,23 @@ class DATM(Distiller):
             self._x_all = self._transform_all(train.images)
             self._x_src = id(train.images)
         if self._template is None:
-            self._template = get_model(cfg.model, train.in_channels, train.num_classes, train.im_size, seed=0,
-                                       width=cfg.width, depth=cfg.depth).to(self.device)
+            self._template = cfg.net.build(train.in_channels, train.num_classes, train.im_size, seed=0).to(self.device)
             self._template.train()
         if self.experts is None or self._rebuild_experts:
             key = self.cache_key(train)
             directory = buffer_directory(self.cache_dir, key) if self.cache_dir is not None else None
             idx = train.effective_indices()
             labels = train.effective_labels()[idx]
-            self._log(f"expert buffer: {cfg.num_experts} experts x {cfg.train_epochs} epochs "
-                      f"({cfg.expert_optimizer}) on {idx.numel()} samples"
+            self._log(f"expert buffer: {cfg.expert.num_experts} experts x {cfg.expert.epochs} epochs "
+                      f"({cfg.expert.optimizer}) on {idx.numel()} samples"
                       + (f" -> {directory}" if directory else " (in memory)"))
             t0 = time.perf_counter()
             with self.timer("experts"):
-                self.experts = train_experts(cfg.expert_recipe(), self._x_all[idx.to(self.device)], labels,
-                                             train.num_classes, directory=directory, key=key, device=self.device,
+                self.experts = train_experts(cfg.expert, self._x_all[idx.to(self.device)], labels,
+                                             train.num_classes, dsa_strategy=cfg.dsa_strategy if cfg.dsa else None,
+                                             directory=directory, key=key, device=self.device,
                                              log=None if self.quiet else (lambda s: print(f"datm: {s}", flush=True)))
-            self.experts_key = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+            self.experts_key = digest(key)
             self._log(f"expert buffer ready in {time.perf_counter() - t0:.1f} s: {self.experts}")
             self._rebuild_experts = False
 
@@ -506,7 +430,7 @@ class DATM(Distiller):
             lab = self._init_labels(hard)
             self.init_info["label_argmax_agreement"] = float((lab.argmax(1) == hard).float().mean())
             self.label_syn = lab.detach().clone().requires_grad_(True)
-        lr0 = cfg.lr_teacher if cfg.lr_init is None else cfg.lr_init
+        lr0 = cfg.expert.lr if cfg.lr_init is None else cfg.lr_init
         self.syn_lr = torch.tensor(float(lr0), device=self.device).requires_grad_(True)
         self.opt_img = torch.optim.SGD([self.image_syn], lr=cfg.lr_img, momentum=0.5)
         self.opt_lr = torch.optim.SGD([self.syn_lr], lr=cfg.lr_lr, momentum=0.5)
@@ -706,7 +630,7 @@ class DATM(Distiller):
         lr, SGD momentum 0.9, weight decay 5e-4, lr x0.1 at half, DSA, batch ``eval_batch`` (the harness uses
         ``min(batch, n)``), ``eval_epochs`` epochs, ``eval_runs`` runs."""
         cfg = self.config
-        return {"model": cfg.model, "model_kwargs": {"width": cfg.width, "depth": cfg.depth},
+        return {"model": cfg.net.model, "model_kwargs": {"width": cfg.net.width, "depth": cfg.net.depth},
                 "lr": float(self.syn_lr.detach()), "epochs": cfg.eval_epochs, "num_runs": cfg.eval_runs,
                 "batch_size": cfg.eval_batch,
                 "loss": "soft_ce" if self.label_syn.is_floating_point() else "ce", "optimizer": "sgd",
@@ -767,30 +691,10 @@ class DATM(Distiller):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# evaluation helper
-# --------------------------------------------------------------------------------------------------------------
-
-
-def evaluate_synthetic(syn: SyntheticSet, test_set, **overrides):
-    """Evaluates a DATM :class:`SyntheticSet` with its own protocol (``syn.eval_config``) on ``test_set``
-    (ImageDataset or ``(images in [0, 1], labels)``): the test images go through the stored transform, the
-    synthetic images are used as stored (network-input space). ``overrides`` replace EvalConfig fields (e.g.
-    ``epochs=300, num_runs=3``). Returns :class:`ddfast.evaluate.EvalResult`."""
-    from ..evaluate import EvalConfig, evaluate_synset
-
-    fields = {f.name for f in dataclasses.fields(EvalConfig)}
-    cfg = EvalConfig(**{k: v for k, v in syn.eval_config.items() if k in fields})
-    cfg = cfg.replace(num_classes=syn.num_classes)
-    tr = transform_from_state_dict(syn.preprocess["kind"], syn.preprocess_state)
-    return evaluate_synset(syn.images, syn.labels, test_set, config=cfg, transform=tr, images_transformed=True,
-                           **overrides)
-
-
-# --------------------------------------------------------------------------------------------------------------
 # presets
 # --------------------------------------------------------------------------------------------------------------
 
-# Official DATM configs (NUS-HPC-AI-Lab/DATM configs/*/ConvIN/IPC*.yaml, latest versions; distillers.md §1.6):
+# Official DATM configs (NUS-HPC-AI-Lab/DATM configs/*/ConvIN/IPC*.yaml, latest versions):
 # (syn_steps, expert_epochs, batch_syn, lr_img, lr_lr, lr_y, threshold, min_start, current_max, max_start,
 #  expansion_end, sequential_generation, pix_init)
 _OFFICIAL = {
@@ -803,18 +707,15 @@ _OFFICIAL = {
     ("cifar100", 10): (80, 2, 1000, 1000.0, 1e-5, 10.0, 1.0, 0, 30, 50, 2000, True, "samples_predicted_correctly"),
     ("cifar100", 50): (80, 2, 1000, 1000.0, 1e-5, 10.0, 1.0, 20, 70, 70, 1000, False, "real"),
     ("cifar100", 100): (80, 2, 1000, 50.0, 1e-5, 10.0, 1.0, 40, 70, 70, 1000, False, "samples_predicted_correctly"),
-    ("tiny", 1): (40, 2, 1000, 10000.0, 1e-4, 10.0, 1.0, 0, 15, 20, 2000, True, "samples_predicted_correctly"),
-    ("tiny", 10): (40, 2, 500, 100.0, 1e-4, 10.0, 1.0, 10, 50, 50, 1000, False, "samples_predicted_correctly"),
-    ("tiny", 50): (20, 2, 1000, 100.0, 1e-4, 10.0, 1.0, 40, 70, 70, 1000, False, "samples_predicted_correctly"),
+    ("tiny-imagenet", 1): (40, 2, 1000, 10000.0, 1e-4, 10.0, 1.0, 0, 15, 20, 2000, True, "samples_predicted_correctly"),
+    ("tiny-imagenet", 10): (40, 2, 500, 100.0, 1e-4, 10.0, 1.0, 10, 50, 50, 1000, False, "samples_predicted_correctly"),
+    ("tiny-imagenet", 50): (20, 2, 1000, 100.0, 1e-4, 10.0, 1.0, 40, 70, 70, 1000, False, "samples_predicted_correctly"),
 }
 
-_ALIASES = {"cifar10": "cifar10", "cifar-10": "cifar10", "cifar100": "cifar100", "cifar-100": "cifar100",
-            "tiny": "tiny", "tinyimagenet": "tiny", "tiny-imagenet": "tiny", "fashion-mnist": "fashion-mnist",
-            "fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist"}
-
 # The quick preset (any dataset; tuned on Fashion-MNIST IPC 10 for a 2-core CPU, see PRESET_DOCS).
-_QUICK = dict(width=32, depth=3, num_experts=5, train_epochs=6, expert_optimizer="sgd", expert_subset=500,
-              expert_batch=256, lr_teacher=0.01, syn_steps=20, expert_epochs=2, batch_syn=100, lr_img=100.0,
+_QUICK = dict(expert=dict(net=dict(width=32, depth=3), num_experts=5, epochs=6, optimizer="sgd", subset_per_class=500,
+                          batch_size=256, lr=0.01),
+              syn_steps=20, expert_epochs=2, batch_syn=100, lr_img=100.0,
               lr_lr=1e-5, lr_y=2.0, threshold=1.0, min_start_epoch=0, current_max_start_epoch=2, max_start_epoch=4,
               expansion_end_epoch=100, sequential_generation=True, iterations=200, checkpoint_every=50,
               eval_epochs=300, eval_batch=128, eval_runs=5)
@@ -836,7 +737,8 @@ PRESET_DOCS = {
 
 def preset_config(preset: str, dataset: str, ipc: int, **overrides: Any) -> DATMConfig:
     """The :class:`DATMConfig` of ``preset`` (``"quick"`` or ``"full"``; :data:`PRESET_DOCS`) for ``dataset`` at
-    ``ipc``, with ``overrides`` (config field names) applied.
+    ``ipc``, with ``overrides`` applied: field names, dotted paths into sub-configs (``"expert.epochs"``) or dicts
+    merged into a sub-config (``expert={"epochs": 6}``).
 
     Raises:
         ValueError: unknown preset, a ``full`` preset for a dataset/IPC without official values (the message lists
@@ -846,13 +748,9 @@ def preset_config(preset: str, dataset: str, ipc: int, **overrides: Any) -> DATM
         raise ValueError(f"unknown preset {preset!r}; choose 'quick' or 'full'")
     if isinstance(ipc, bool) or not isinstance(ipc, int) or ipc < 1:
         raise ValueError(f"ipc must be a positive int, got {ipc!r}")
-    names = {f.name for f in dataclasses.fields(DATMConfig)}
-    bad = sorted(set(overrides) - names)
-    if bad:
-        raise ValueError(f"unknown DATM option(s) {bad}; known: {sorted(names)}")
-    key = _ALIASES.get(str(dataset).lower(), str(dataset).lower())
+    key = canonical_name(dataset)
     if preset == "quick":
-        base: Dict[str, Any] = dict(_QUICK)
+        base: Dict[str, Any] = copy.deepcopy(_QUICK)
     else:
         if key == "fashion-mnist":
             if ipc not in (1, 10, 50):
@@ -869,9 +767,11 @@ def preset_config(preset: str, dataset: str, ipc: int, **overrides: Any) -> DATM
         (syn_steps, m, batch_syn, lr_img, lr_lr, lr_y, thr, lo, cur, hi, exp_end, seq, pix) = row
         base = dict(syn_steps=syn_steps, expert_epochs=m, batch_syn=batch_syn, lr_img=lr_img, lr_lr=lr_lr, lr_y=lr_y,
                     threshold=thr, min_start_epoch=lo, current_max_start_epoch=cur, max_start_epoch=hi,
-                    expansion_end_epoch=exp_end, sequential_generation=seq, pix_init=pix, num_experts=100,
-                    train_epochs=train_epochs, expert_optimizer="gsam", iterations=10000, eval_epochs=1000,
-                    eval_batch=128, width=128, depth=4 if key == "tiny" else 3, checkpoint_every=500)
+                    expansion_end_epoch=exp_end, sequential_generation=seq, pix_init=pix,
+                    expert=dict(net=dict(width=128, depth=4 if key == "tiny-imagenet" else 3), num_experts=100,
+                                epochs=train_epochs, optimizer="gsam"),
+                    iterations=10000, eval_epochs=1000, eval_batch=128, checkpoint_every=500)
     base["ipc"] = ipc
-    base.update(overrides)
-    return DATMConfig(**base)
+    for name, value in overrides.items():
+        set_path(base, name, value, DATMConfig)
+    return DATMConfig.from_dict(base)

@@ -3,9 +3,9 @@
 An *expert* is a network trained on the real training set; its *trajectory* is the list of its flat parameter
 vectors (:func:`ddfast.models.flat_params` order) at the start and after every epoch: ``E + 1`` snapshots of
 ``P`` floats. DATM (Guo et al., ICLR 2024) samples a start epoch ``t`` and matches the student's end point to
-snapshot ``t + M`` (distillers.md §1.1-1.3). This module builds such buffers and reads them back.
+snapshot ``t + M`` (Guo et al., ICLR 2024, §3; MTT, Cazenavette et al., CVPR 2022, eq. 2). This module builds such buffers and reads them back.
 
-Recipes (distillers.md §1.2):
+Recipes (DATM's ``buffer/buffer_FTD.py`` and MTT's ``buffer.py``):
 
 - ``optimizer="gsam"`` -- FTD/DATM's ``buffer_FTD.py``: SGD (lr 0.01, momentum 0, weight decay 0, constant
   lr) wrapped in GSAM (Zhuang et al., ICLR 2022, "Surrogate Gap Guided Sharpness-Aware Minimization",
@@ -51,16 +51,13 @@ accuracy / loss per epoch (on the augmented training batches).
 """
 from __future__ import annotations
 
-import dataclasses
-import glob
-import hashlib
 import json
 import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -68,8 +65,10 @@ import torch.nn.functional as F
 
 from .. import distributed as dd
 from ..augment import DSA
+from ..config import Config, option
+from ..hashing import derive_seed, digest
 from ..io import atomic_write_json, load_safetensors, save_safetensors
-from ..models import batched_forward, flat_params, functional_forward, get_model, has_batchnorm
+from ..models import NetConfig, batched_forward, flat_params, functional_forward, has_batchnorm
 
 __all__ = ["ExpertRecipe", "ExpertBuffer", "train_experts", "gsam_direction", "seed_mix", "buffer_directory"]
 
@@ -78,10 +77,9 @@ _FORMAT = "ddfast.ExpertBuffer/1"
 
 
 def seed_mix(*parts: int) -> int:
-    """A 63-bit integer seed derived from integers (SHA-256 of their decimal form); used for the per-expert,
-    per-epoch generators so that every draw is a pure function of ``(seed, expert, epoch)``."""
-    h = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
-    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+    """A 63-bit integer seed derived from integers (:func:`ddfast.hashing.derive_seed`); used for the
+    per-expert, per-epoch generators so that every draw is a pure function of ``(seed, expert, epoch)``."""
+    return derive_seed(*parts, sep=",", bits=63)
 
 
 def _gen(*parts: int) -> torch.Generator:
@@ -91,17 +89,17 @@ def _gen(*parts: int) -> torch.Generator:
 
 
 @dataclass
-class ExpertRecipe:
-    """How the experts are trained (every field JSON-serialisable).
+class ExpertRecipe(Config):
+    """How the experts are trained (every field JSON-serialisable; :class:`ddfast.config.Config`).
 
     Attributes:
-        model, model_kwargs: :func:`ddfast.models.get_model` name and keywords (e.g. ``{"width": 128}``).
-        num_experts: N experts; epochs: E epochs each (E + 1 snapshots).
+        net: the network (:class:`ddfast.models.NetConfig`; DATM/MTT: ConvNet-3, width 128, instance norm). In
+            DATM the student has the experts' architecture, so this is also the distillation network.
+        num_experts: N experts; epochs: E epochs each (E + 1 snapshots; DATM's ``train_epochs``).
         lr: SGD learning rate (``lr_teacher``, 0.01); momentum, weight_decay: SGD's (0, 0 in MTT/FTD/DATM).
-        batch_size: mini-batch (256).
+        batch_size: mini-batch (256, ``batch_train``).
         optimizer: ``"gsam"`` (FTD/DATM) or ``"sgd"`` (MTT).
         gsam_rho, gsam_alpha, gsam_adaptive: GSAM's rho (0.01), alpha (0.3) and adaptive perturbation (True).
-        dsa, dsa_strategy: DSA on the training batches (MTT/DATM: on, all six groups).
         subset_per_class: train each expert on at most this many samples per class (drawn per expert);
             0 = all samples (the papers' setting; the quick presets use a subset to fit a CPU budget).
         seed: base integer seed (module docstring).
@@ -110,57 +108,30 @@ class ExpertRecipe:
         vmap: ``True`` (one vmapped ``[K, P]`` update for ``parallel`` experts), ``False`` (a loop) or
             ``"auto"`` (vmap on CUDA when ``parallel > 1`` and the model has no batch norm; the loop on CPU,
             where it was measured faster).
+
+    The DSA augmentation of the training batches is an argument of :func:`train_experts` (DATM uses one DSA
+    setting for experts, distillation and evaluation).
     """
 
-    model: str = "convnet"
-    model_kwargs: Dict[str, Any] = field(default_factory=dict)
-    num_experts: int = 100
-    epochs: int = 50
-    lr: float = 0.01
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    batch_size: int = 256
-    optimizer: str = "gsam"
-    gsam_rho: float = 0.01
-    gsam_alpha: float = 0.3
-    gsam_adaptive: bool = True
-    dsa: bool = True
-    dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
-    subset_per_class: int = 0
-    seed: int = 0
-    parallel: int = 0
-    vmap: Union[bool, str] = "auto"
-
-    def validate(self) -> "ExpertRecipe":
-        """Raises ``ValueError`` naming the first bad field; returns ``self``."""
-        for name in ("num_experts", "epochs", "batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        for name in ("subset_per_class", "parallel"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if self.optimizer not in ("gsam", "sgd"):
-            raise ValueError(f"optimizer must be 'gsam' or 'sgd', got {self.optimizer!r}")
-        if not self.gsam_rho >= 0:
-            raise ValueError(f"gsam_rho must be >= 0, got {self.gsam_rho!r}")
-        if not self.gsam_alpha >= 0:
-            raise ValueError(f"gsam_alpha must be >= 0, got {self.gsam_alpha!r}")
-        if self.vmap not in (True, False, "auto"):
-            raise ValueError(f"vmap must be True, False or 'auto', got {self.vmap!r}")
-        DSA(self.dsa_strategy)  # raises ValueError for a bad strategy
-        return self
+    net: NetConfig = option(factory=NetConfig)
+    num_experts: int = option(100, ge=1)
+    epochs: int = option(50, ge=1)
+    lr: float = option(0.01, gt=0)
+    momentum: float = option(0.0, ge=0, lt=1)
+    weight_decay: float = option(0.0, ge=0)
+    batch_size: int = option(256, ge=1)
+    optimizer: str = option("gsam", choices=("gsam", "sgd"))
+    gsam_rho: float = option(0.01, ge=0)
+    gsam_alpha: float = option(0.3, ge=0)
+    gsam_adaptive: bool = option(True)
+    subset_per_class: int = option(0, ge=0)
+    seed: int = option(0)
+    parallel: int = option(0, ge=0)
+    vmap: Union[bool, str] = option("auto", choices=(True, False, "auto"))
 
     def key(self) -> Dict[str, Any]:
         """The fields that determine the trajectories (everything but ``parallel`` and ``vmap``)."""
-        d = dataclasses.asdict(self)
+        d = self.to_dict()
         d.pop("parallel")
         d.pop("vmap")
         return d
@@ -249,8 +220,7 @@ class ExpertBuffer:
 
 def buffer_directory(cache_dir: str, key: Dict[str, Any]) -> str:
     """``cache_dir/datm_experts/<16 hex digits of the key's SHA-256>``."""
-    text = json.dumps(key, sort_keys=True, default=str)
-    return os.path.join(cache_dir, "datm_experts", hashlib.sha256(text.encode()).hexdigest()[:16])
+    return os.path.join(cache_dir, "datm_experts", digest(key))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -303,13 +273,13 @@ class _Trainer:
     """Trains a group of experts epoch by epoch (vmapped or in a loop) with the recipe's optimiser."""
 
     def __init__(self, recipe: ExpertRecipe, template: nn.Module, X: torch.Tensor, Y: torch.Tensor,
-                 num_classes: int, device: torch.device):
+                 num_classes: int, device: torch.device, dsa_strategy: Optional[str]):
         self.r = recipe
         self.template = template
         self.X, self.Y = X, Y
         self.C = num_classes
         self.device = device
-        self.dsa = DSA(recipe.dsa_strategy) if recipe.dsa else None
+        self.dsa = DSA(dsa_strategy) if dsa_strategy else None
         self.subsets: Dict[int, torch.Tensor] = {}
 
     def subset(self, k: int) -> torch.Tensor:
@@ -318,8 +288,7 @@ class _Trainer:
         return self.subsets[k]
 
     def init_params(self, k: int) -> torch.Tensor:
-        m = get_model(self.r.model, self.X.shape[1], self.C, tuple(self.X.shape[2:]), seed=seed_mix(self.r.seed, k, 0),
-                      **self.r.model_kwargs)
+        m = self.r.net.build(self.X.shape[1], self.C, tuple(self.X.shape[2:]), seed=seed_mix(self.r.seed, k, 0))
         return flat_params(m).detach().to(self.device, torch.float32)
 
     def _grads(self, W: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor, vm: bool):
@@ -403,7 +372,7 @@ def _progress(directory: Optional[str], k: int, epochs: int) -> int:
 
 
 def train_experts(recipe: ExpertRecipe, images: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
-                  directory: Optional[str] = None, key: Optional[Dict[str, Any]] = None,
+                  dsa_strategy: Optional[str] = "color_crop_cutout_flip_scale_rotate", directory: Optional[str] = None, key: Optional[Dict[str, Any]] = None,
                   device: Union[str, torch.device] = "cpu", log: Optional[Callable[[str], None]] = None,
                   max_memory_bytes: int = 2 << 30,
                   on_epoch: Optional[Callable[[Sequence[int], int], None]] = None) -> ExpertBuffer:
@@ -412,6 +381,8 @@ def train_experts(recipe: ExpertRecipe, images: torch.Tensor, labels: torch.Tens
     Args:
         images: ``float32 [n, C, H, W]`` already in network-input space (e.g. ZCA whitened); labels: ``int64 [n]``.
         num_classes: C.
+        dsa_strategy: DSA on every training batch (one draw per batch, mode 'S'; MTT/DATM: all six groups);
+            ``None`` or ``""``: no augmentation.
         directory: where the buffer lives (``None``: train in memory, nothing written, no resume). A complete
             buffer there is loaded (nothing retrained); a partial one is continued with the next epoch of each
             unfinished expert.
@@ -432,6 +403,8 @@ def train_experts(recipe: ExpertRecipe, images: torch.Tensor, labels: torch.Tens
         ValueError: bad recipe fields, shapes, a class with no samples, or a directory holding another buffer.
     """
     recipe = recipe.validate()
+    if dsa_strategy:
+        DSA(dsa_strategy)  # raises ValueError naming a bad strategy
     if images.dim() != 4 or labels.shape != (images.shape[0],):
         raise ValueError(f"images must be [n, C, H, W] and labels [n], got {tuple(images.shape)} and "
                          f"{tuple(labels.shape)}")
@@ -440,11 +413,11 @@ def train_experts(recipe: ExpertRecipe, images: torch.Tensor, labels: torch.Tens
         raise ValueError(f"every class needs at least one training sample for the experts (counts {counts.tolist()})")
     dev = torch.device(device)
     say = log or (lambda s: None)
-    manifest = {"format": _FORMAT, "recipe": dataclasses.asdict(recipe), "recipe_key": recipe.key(),
+    recipe_key = {**recipe.key(), "dsa_strategy": dsa_strategy or None}
+    manifest = {"format": _FORMAT, "recipe": recipe.to_dict(), "recipe_key": recipe_key,
                 "key": key or {}, "num_classes": int(num_classes), "n_train": int(images.shape[0]),
                 "image_shape": list(images.shape[1:])}
-    template = get_model(recipe.model, images.shape[1], num_classes, tuple(images.shape[2:]), seed=0,
-                         **recipe.model_kwargs).to(dev)
+    template = recipe.net.build(images.shape[1], num_classes, tuple(images.shape[2:]), seed=0).to(dev)
     template.train()
     P = sum(p.numel() for p in template.parameters())
     manifest["num_params"] = P
@@ -474,7 +447,7 @@ def train_experts(recipe: ExpertRecipe, images: torch.Tensor, labels: torch.Tens
     vm = bool(recipe.vmap is True or (recipe.vmap == "auto" and parallel > 1 and vm_ok and dev.type == "cuda"))
     X = images.detach().to(dev, torch.float32)
     Y = labels.detach().to(dev)
-    trainer = _Trainer(recipe, template, X, Y, num_classes, dev)
+    trainer = _Trainer(recipe, template, X, Y, num_classes, dev, dsa_strategy)
 
     mem: Dict[int, List[torch.Tensor]] = {}
     progress = {k: _progress(directory, k, E) for k in range(N)}
@@ -546,7 +519,7 @@ def train_experts(recipe: ExpertRecipe, images: torch.Tensor, labels: torch.Tens
                 manifest["stats"] = stats
                 atomic_write_json(manifest, os.path.join(directory, "manifest.json"))
             dd.barrier()
-    meta = {"recipe": dataclasses.asdict(recipe), "key": key or {}, "stats": stats, "vmapped": vm,
+    meta = {"recipe": recipe.to_dict(), "dsa_strategy": dsa_strategy or None, "key": key or {}, "stats": stats, "vmapped": vm,
             "seconds": seconds, "directory": directory}
     if directory is None:
         return ExpertBuffer(trajectories=torch.stack([trajs[k] for k in range(N)]), meta=meta)

@@ -1,6 +1,6 @@
 """A pool of pretrained models with their initial and final parameters, as DANCE uses it.
 
-DANCE (Zhang, Li, Lin, Wang, Qian, Ge; IJCAI 2024; distillers.md §2.2; ``pretrain.py`` of
+DANCE (Zhang, Li, Lin, Wang, Qian, Ge; IJCAI 2024, §3.2; ``pretrain.py`` of
 Hansong-Zhang/DANCE) trains ``pretrain_amount`` ConvNets from scratch and keeps two snapshots of each:
 ``theta_init`` (the random initialisation) and ``theta_final`` (after ``pretrain_epochs`` epochs). The
 condensation loop interpolates between them ("middle encoders") and uses ``theta_final`` as the expert of the
@@ -18,7 +18,7 @@ Training recipe (the reference's, ``pretrain.py`` + ``train.train_epoch``):
 - one epoch = one pass over the (shuffled) training set in batches of 64, the last one partial.
 
 The training set is whatever the caller passes: DANCE passes ``TrainSet.effective()`` -- the trusted samples
-with TAD's replacement labels -- so TAD's diversion reaches the pool (noisy-labels.md §3).
+with TAD's replacement labels -- so TAD's diversion reaches the pool.
 
 Caching and resume: with ``cache_dir``, every finished model is written at once (atomically, safetensors) to
 ``cache_dir/dance_pool/<digest>/model_<k>.safetensors``, where ``<digest>`` hashes the caller's key (dataset,
@@ -26,16 +26,13 @@ label/trust digest, image digest) and every recipe field except ``amount``. A bu
 continues with the first missing model; a larger ``amount`` reuses the models already there (model ``k``
 depends only on the seed and ``k``). Corrupt files are retrained.
 
-Several models at once with ``torch.func.vmap`` was measured on this 2-core CPU (benchmarks/RESULTS.md,
+Several models at once with ``torch.func.vmap`` was measured on a 2-core CPU (benchmarks/RESULTS.md,
 "DANCE: time and peak memory per iteration"): it was slower per model than training them one after the
 other, so the pool trains models sequentially.
 """
 from __future__ import annotations
 
 import copy
-import dataclasses
-import hashlib
-import json
 import math
 import os
 import time
@@ -47,8 +44,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..augment import DSA, Normalize, cutmix
+from ..config import Config, option
+from ..hashing import derive_seed, digest, tensor_digest
 from ..io import atomic_write_json, load_tensors, save_tensors
-from ..models import flat_params, get_model, load_flat, num_params
+from ..models import NetConfig, flat_params, load_flat, num_params
 
 __all__ = ["PoolConfig", "ModelPool", "build_pool", "train_pool_model", "pool_digest", "seed_from"]
 
@@ -56,20 +55,19 @@ POOL_FORMAT = "ddfast.dance_pool/1"
 
 
 def seed_from(*parts: int) -> int:
-    """A deterministic 62-bit seed from integers (SHA-256 of their decimal forms)."""
-    h = hashlib.sha256(("/".join(str(int(p)) for p in parts)).encode()).digest()
-    return int.from_bytes(h[:8], "little") & ((1 << 62) - 1)
+    """A deterministic 62-bit seed from integers (:func:`ddfast.hashing.derive_seed`)."""
+    return derive_seed(*parts, sep="/", bits=62)
 
 
 @dataclass(frozen=True)
-class PoolConfig:
+class PoolConfig(Config):
     """Recipe of the pretrained pool (defaults: DANCE's ``--reproduce`` values for CIFAR/F-MNIST).
 
     Attributes:
+        net: the pool architecture (:class:`ddfast.models.NetConfig`; ConvNet-3, width 128, instance norm in the
+            reference). DANCE's middle encoders and calibration expert are pool models.
         amount: number of models trained (``pretrain_amount``; 20 in the reference).
         epochs: training epochs per model (``pretrain_epochs``; 60).
-        model: :func:`ddfast.models.get_model` name; ``width``/``depth``/``norm`` go to it
-            (ConvNet-3, width 128, instance norm in the reference).
         lr, momentum, weight_decay, batch_size: SGD recipe (0.01, 0.9, 5e-4, 64).
         aug: DiffAug strategy applied with per-sample parameters, all groups (``"color_crop"``; ``""`` = none).
         cutmix_p, cutmix_beta: CutMix probability per batch and Beta parameter (0.5, 1.0).
@@ -77,64 +75,36 @@ class PoolConfig:
         seed: pool seed; model ``k`` is initialised and trained from seeds derived from ``(seed, k)``.
     """
 
-    amount: int = 20
-    epochs: int = 60
-    model: str = "convnet"
-    width: int = 128
-    depth: int = 3
-    norm: str = "instance"
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch_size: int = 64
-    aug: str = "color_crop"
-    cutmix_p: float = 0.5
-    cutmix_beta: float = 1.0
-    subset: int = 0
-    seed: int = 0
+    net: NetConfig = option(factory=NetConfig)
+    amount: int = option(20, ge=1)
+    epochs: int = option(60, ge=1)
+    lr: float = option(0.01, gt=0)
+    momentum: float = option(0.9, ge=0)
+    weight_decay: float = option(5e-4, ge=0)
+    batch_size: int = option(64, ge=1)
+    aug: str = option("color_crop")
+    cutmix_p: float = option(0.5, ge=0, le=1)
+    cutmix_beta: float = option(1.0, gt=0)
+    subset: int = option(0, ge=0)
+    seed: int = option(0)
 
-    def validate(self, prefix: str = "") -> "PoolConfig":
-        """Raises ``ValueError`` naming the first bad field (``prefix + name``); returns ``self``."""
-        def bad(name, msg):
-            raise ValueError(f"{prefix}{name} {msg}")
-
-        for name in ("amount", "epochs", "width", "depth", "batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                bad(name, f"must be a positive int, got {v!r}")
-        if isinstance(self.subset, bool) or not isinstance(self.subset, int) or self.subset < 0:
-            bad("subset", f"must be an int >= 0, got {self.subset!r}")
-        for name in ("lr",):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
-                bad(name, f"must be a finite number > 0, got {v!r}")
-        for name in ("momentum", "weight_decay"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
-                bad(name, f"must be a finite number >= 0, got {v!r}")
-        if not (isinstance(self.cutmix_p, (int, float)) and 0.0 <= self.cutmix_p <= 1.0):
-            bad("cutmix_p", f"must be in [0, 1], got {self.cutmix_p!r}")
-        if not (isinstance(self.cutmix_beta, (int, float)) and self.cutmix_beta > 0):
-            bad("cutmix_beta", f"must be > 0, got {self.cutmix_beta!r}")
-        if self.norm not in ("instance", "batch", "layer", "none"):
-            bad("norm", f"must be 'instance', 'batch', 'layer' or 'none', got {self.norm!r}")
+    def check(self) -> None:
         if self.aug:
             try:
                 DSA(self.aug, mode="M")
             except ValueError as exc:
-                bad("aug", f"is not a DSA strategy: {exc}")
-        return self
+                self.fail("aug", f"is not a DSA strategy: {exc}")
 
     def key_dict(self) -> Dict[str, Any]:
         """The fields a model's parameters depend on (everything but ``amount``)."""
-        d = dataclasses.asdict(self)
+        d = self.to_dict()
         d.pop("amount")
         return d
 
 
 def pool_digest(key: Dict[str, Any]) -> str:
-    """16 hex digits of SHA-256 over the canonical JSON of ``key``."""
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """16 hex digits of SHA-256 over the canonical JSON of ``key`` (:func:`ddfast.hashing.digest`)."""
+    return digest(key)
 
 
 class ModelPool:
@@ -168,7 +138,7 @@ class ModelPool:
         return self.inits.shape[1]
 
     def middle(self, k: int, lam: float | torch.Tensor) -> torch.Tensor:
-        """DANCE's middle encoder (distillers.md §2.1): ``lam * theta_init[k] + (1 - lam) * theta_final[k]``,
+        """DANCE's middle encoder (Zhang et al., IJCAI 2024, eq. 3): ``lam * theta_init[k] + (1 - lam) * theta_final[k]``,
         ``float32 [P]``; ``lam = 0`` gives the final, ``lam = 1`` the initial parameters exactly."""
         if not 0 <= int(k) < len(self):
             raise ValueError(f"model index k must be in [0, {len(self)}), got {k}")
@@ -185,10 +155,7 @@ class ModelPool:
 
     def fingerprint(self) -> str:
         """SHA-256 (16 hex digits) of the stacked parameters: two pools with equal fingerprints are equal."""
-        h = hashlib.sha256()
-        h.update(self.inits.detach().cpu().contiguous().numpy())
-        h.update(self.finals.detach().cpu().contiguous().numpy())
-        return h.hexdigest()[:16]
+        return tensor_digest(self.inits, self.finals)
 
     def to(self, device) -> "ModelPool":
         self.inits = self.inits.to(device)
@@ -199,9 +166,8 @@ class ModelPool:
 
 def make_template(config: PoolConfig, in_channels: int, num_classes: int, im_size: Sequence[int],
                   seed: Optional[int] = None) -> nn.Module:
-    """The pool architecture (``get_model(config.model, ...)`` with width/depth/norm)."""
-    return get_model(config.model, in_channels, num_classes, tuple(im_size), seed=seed, width=config.width,
-                     depth=config.depth, norm=config.norm)
+    """The pool architecture (``config.net.build(...)``)."""
+    return config.net.build(in_channels, num_classes, tuple(im_size), seed=seed)
 
 
 def train_pool_model(images: torch.Tensor, labels: torch.Tensor, num_classes: int, normalize: Normalize,
@@ -306,7 +272,6 @@ def build_pool(images: torch.Tensor, labels: torch.Tensor, num_classes: int, nor
     """
     from tqdm.auto import tqdm
 
-    config.validate()
     if cache_dir is not None and key is None:
         raise ValueError("key is required when cache_dir is given")
     trainer = trainer or train_pool_model

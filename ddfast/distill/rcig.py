@@ -1,9 +1,9 @@
 """RCIG: dataset distillation with convexified implicit gradients (Loo, Hasani, Lechner, Rus; ICML 2023).
 
 A PyTorch re-implementation of the official JAX code (``yolky/RCIG``: ``algorithms.py``, ``distill_dataset.py``,
-``configs_final/*``; distillers.md §3). Nothing is copied; the notation follows distillers.md §3.
+``configs_final/*``). Nothing is copied; the notation follows the paper (Loo et al., ICML 2023, §3-4).
 
-The model and its convexification (distillers.md §3.1)
+The model and its convexification (Loo et al., §3)
 ------------------------------------------------------
 A pool network ``f(x; theta)`` (RCIG's ``Conv``: widths 128/256/512, no normalisation, softplus with beta 60
 while distilling; :func:`ddfast.models.convnet_rcig`) is linearised around its frozen base parameters
@@ -46,7 +46,7 @@ The meta-gradient (RCIG's ``do_meta_train_step``; implicit function theorem)
    ``extra_loss``), then the EMA (decay 0.99, bias corrected) of the support set -- what gets evaluated.
 7. The chosen pool model's base parameters take ``randint(1, n_max_steps_pool)`` Adam steps (lr ``pool_lr``,
    MSE, the non-linearised softplus network) on the current support set; after ``max_online_steps`` it is
-   re-initialised (RCIG's online pool, distillers.md §3.3).
+   re-initialised (RCIG's online pool, FRePo-style; ``algorithms.run_rcig``).
 
 One Cholesky factorisation per outer step
 -----------------------------------------
@@ -65,7 +65,7 @@ no divergence) and it is exact after at most ``rank + 1`` iterations. The residu
 returned as a diagnostic. ``hinv_solver="adam"`` reproduces the reference (with its lr tuning and adaptation).
 ``tests/test_distill_rcig.py`` checks ``H^{-1} g`` against a dense solve.
 
-Noisy labels / TAD (noisy-labels.md §3)
+Noisy labels / TAD (:mod:`ddfast.tad`)
 ---------------------------------------
 Outer-loss real batches are drawn only from :meth:`TrainSet.effective` (trusted samples, with replacement
 labels). The pool models are trained on the synthetic support set only (as in RCIG), so no untrusted real
@@ -92,19 +92,14 @@ import torch.nn.functional as F
 from ..models import convnet_rcig, functional_forward, num_params, unflatten
 from ..ops.krr import krr_factor, krr_predict, krr_solve
 from ._linearize import METHODS as _LIN_METHODS
+from ..config import option, set_path
+from ..data import GRAYSCALE_DATASETS, canonical_name
 from ._linearize import LinearizedNet
 from .base import DistillConfig, Distiller, SyntheticSet, TrainSet
 
 __all__ = ["RCIG", "RCIGConfig", "AdaBelief", "conjugate_gradient", "adam_minimize", "meta_step", "MetaStepResult",
            "preset_config", "PRESET_DOCS", "lecun_normal_init", "eval_config_for"]
 
-_GRAY_DATASETS = ("fashion-mnist", "mnist", "digits")
-
-
-def _canonical_dataset(name: str) -> str:
-    key = str(name).lower().replace("_", "-")
-    return {"fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist", "cifar-10": "cifar10",
-            "cifar-100": "cifar100"}.get(key, key)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -112,7 +107,7 @@ def _canonical_dataset(name: str) -> str:
 # ----------------------------------------------------------------------------------------------------------
 @dataclass
 class RCIGConfig(DistillConfig):
-    """RCIG options. Defaults are the official ``configs_final/depth_3.txt`` values (distillers.md §3.4).
+    """RCIG options. Defaults are the official ``configs_final/depth_3.txt`` values (``yolky/RCIG``).
 
     Network: ``base_width`` (128: widths 128/256/512), ``depth`` (None: 3/4/5 from the image size),
     ``softplus_beta`` (60; 0 -> ReLU while distilling), ``linearization`` (``"auto"``/``"convnet"``/``"functorch"``,
@@ -139,97 +134,43 @@ class RCIGConfig(DistillConfig):
     linear warm-up then cosine), ``eval_batch_size`` (256), ``eval_runs`` (5).
     """
 
-    base_width: int = 128
-    depth: Optional[int] = None
-    softplus_beta: float = 60.0
-    linearization: str = "auto"
-    zca: Optional[bool] = None
-    zca_reg: float = 0.1
-    l2_rate: float = 5e-4
-    krr_dtype: str = "float32"
-    n_inner_steps: int = 20
-    inner_solver: str = "adam"
-    inner_lr: Optional[float] = None
-    inner_lr_init: float = 1e-5
-    n_hinv_steps: int = 20
-    hinv_solver: str = "cg"
-    hinv_lr: Optional[float] = None
-    hinv_lr_init: float = 5e-5
-    hinv_rtol: float = 0.0
-    lr_adapt_every: int = 50
-    lr_tune_max_tries: int = 100
-    clip_implicit: bool = True
-    real_batch_size: int = 1024
-    optimizer: str = "adabelief"
-    proto_lr: float = 3e-3
-    temp_lr: float = 3e-2
-    learn_labels: bool = True
-    margin: bool = True
-    use_flip: Optional[bool] = None
-    ema_decay: float = 0.99
-    pool_model_count: int = 30
-    max_online_steps: int = 100
-    n_max_steps_pool: int = 16
-    pool_lr: float = 5e-5
-    eval_steps: Optional[int] = None
-    eval_lr: float = 1e-4
-    eval_warmup_steps: int = 500
-    eval_batch_size: int = 256
-    eval_runs: int = 5
-
-    def validate(self) -> "RCIGConfig":
-        """Raises ``ValueError`` naming the first bad field; returns ``self``."""
-        def pos_int(name, allow_zero=False):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if allow_zero else 1):
-                raise ValueError(f"RCIGConfig.{name} must be an int >= {0 if allow_zero else 1}, got {v!r}")
-
-        def pos_float(name, allow_zero=False):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or \
-                    v < 0 or (v == 0 and not allow_zero):
-                raise ValueError(f"RCIGConfig.{name} must be a finite number {'>=' if allow_zero else '>'} 0, "
-                                 f"got {v!r}")
-
-        for name in ("ipc", "iterations", "base_width", "lr_tune_max_tries", "real_batch_size", "pool_model_count",
-                     "max_online_steps", "eval_batch_size", "eval_runs", "lr_adapt_every"):
-            pos_int(name)
-        for name in ("checkpoint_every", "eval_every", "n_inner_steps", "n_hinv_steps", "eval_warmup_steps"):
-            pos_int(name, allow_zero=True)
-        if self.n_max_steps_pool < 2 or isinstance(self.n_max_steps_pool, bool):
-            raise ValueError(f"RCIGConfig.n_max_steps_pool must be an int >= 2 (steps are randint(1, n)), "
-                             f"got {self.n_max_steps_pool!r}")
-        if self.depth is not None:
-            pos_int("depth")
-        if self.eval_steps is not None:
-            pos_int("eval_steps")
-        for name in ("l2_rate", "proto_lr", "temp_lr", "pool_lr", "eval_lr", "inner_lr_init", "hinv_lr_init",
-                     "zca_reg"):
-            pos_float(name)
-        for name in ("softplus_beta", "hinv_rtol"):
-            pos_float(name, allow_zero=True)
-        for name in ("inner_lr", "hinv_lr"):
-            if getattr(self, name) is not None:
-                pos_float(name)
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"RCIGConfig.ema_decay must be in [0, 1), got {self.ema_decay!r}")
-        if self.linearization not in _LIN_METHODS:
-            raise ValueError(f"RCIGConfig.linearization must be one of {_LIN_METHODS}, got {self.linearization!r}")
-        if self.krr_dtype not in ("float32", "float64"):
-            raise ValueError(f"RCIGConfig.krr_dtype must be 'float32' or 'float64', got {self.krr_dtype!r}")
-        for name in ("inner_solver", "hinv_solver"):
-            if getattr(self, name) not in ("adam", "cg"):
-                raise ValueError(f"RCIGConfig.{name} must be 'adam' or 'cg', got {getattr(self, name)!r}")
-        if self.optimizer not in ("adabelief", "adam"):
-            raise ValueError(f"RCIGConfig.optimizer must be 'adabelief' or 'adam', got {self.optimizer!r}")
-        for name in ("zca", "use_flip"):
-            v = getattr(self, name)
-            if v is not None and not isinstance(v, bool):
-                raise ValueError(f"RCIGConfig.{name} must be True, False or None, got {v!r}")
-        for name in ("clip_implicit", "learn_labels", "margin"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"RCIGConfig.{name} must be a bool, got {getattr(self, name)!r}")
-        return self
+    base_width: int = option(128, ge=1)
+    depth: Optional[int] = option(None, ge=1)
+    softplus_beta: float = option(60.0, ge=0)
+    linearization: str = option("auto", choices=_LIN_METHODS)
+    zca: Optional[bool] = option(None)
+    zca_reg: float = option(0.1, gt=0)
+    l2_rate: float = option(5e-4, gt=0)
+    krr_dtype: str = option("float32", choices=("float32", "float64"))
+    n_inner_steps: int = option(20, ge=0)
+    inner_solver: str = option("adam", choices=("adam", "cg"))
+    inner_lr: Optional[float] = option(None, gt=0)
+    inner_lr_init: float = option(1e-5, gt=0)
+    n_hinv_steps: int = option(20, ge=0)
+    hinv_solver: str = option("cg", choices=("adam", "cg"))
+    hinv_lr: Optional[float] = option(None, gt=0)
+    hinv_lr_init: float = option(5e-5, gt=0)
+    hinv_rtol: float = option(0.0, ge=0)
+    lr_adapt_every: int = option(50, ge=1)
+    lr_tune_max_tries: int = option(100, ge=1)
+    clip_implicit: bool = option(True)
+    real_batch_size: int = option(1024, ge=1)
+    optimizer: str = option("adabelief", choices=("adabelief", "adam"))
+    proto_lr: float = option(3e-3, gt=0)
+    temp_lr: float = option(3e-2, gt=0)
+    learn_labels: bool = option(True)
+    margin: bool = option(True)
+    use_flip: Optional[bool] = option(None)
+    ema_decay: float = option(0.99, ge=0, lt=1)
+    pool_model_count: int = option(30, ge=1)
+    max_online_steps: int = option(100, ge=1)
+    n_max_steps_pool: int = option(16, ge=2, doc="pool steps per iteration are randint(1, n_max_steps_pool)")
+    pool_lr: float = option(5e-5, gt=0)
+    eval_steps: Optional[int] = option(None, ge=1)
+    eval_lr: float = option(1e-4, gt=0)
+    eval_warmup_steps: int = option(500, ge=0)
+    eval_batch_size: int = option(256, ge=1)
+    eval_runs: int = option(5, ge=1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -639,7 +580,7 @@ def lecun_normal_init(model: nn.Module, generator: torch.Generator, dtype=torch.
 # evaluation protocol
 # ----------------------------------------------------------------------------------------------------------
 def eval_config_for(cfg: RCIGConfig, num_images: int, use_flip: bool) -> Dict[str, Any]:
-    """RCIG's evaluation protocol (official ``eval.py``; distillers.md §3.4) as :class:`ddfast.evaluate.EvalConfig`
+    """RCIG's evaluation protocol (official ``eval.py``) as :class:`ddfast.evaluate.EvalConfig`
     fields: the same ``Conv`` with ReLU, Adam lr ``eval_lr`` (1e-4) with ``eval_warmup_steps`` linear warm-up
     then cosine (to 0; the reference decays to 1% of the lr), MSE on the learned labels, full batch up to
     ``eval_batch_size`` (256) images, ``eval_runs`` networks. Steps: ``eval_steps`` (1000 for a 10-image set,
@@ -693,9 +634,9 @@ class RCIG(Distiller):
     # ---- setup ------------------------------------------------------------------------------------------
     def _resolve(self, train: TrainSet) -> Dict[str, Any]:
         cfg = self.config
-        ds = _canonical_dataset(train.name)
-        gray = train.in_channels == 1 or ds in _GRAY_DATASETS
-        zca = (not gray and ds not in _GRAY_DATASETS) if cfg.zca is None else cfg.zca
+        ds = canonical_name(train.name)
+        gray = train.in_channels == 1 or ds in GRAYSCALE_DATASETS
+        zca = (not gray and ds not in GRAYSCALE_DATASETS) if cfg.zca is None else cfg.zca
         if cfg.use_flip is None:
             flip = (not gray) and not (ds == "cifar100" and cfg.ipc >= 50)
         else:
@@ -1004,7 +945,7 @@ class RCIG(Distiller):
 # presets
 # ----------------------------------------------------------------------------------------------------------
 #: distillation steps of the "full" preset per IPC. The paper's per-dataset counts (App. S.4.2) were not
-#: retrieved (distillers.md §5); 10000 is the README's example count and the step of the published
+#: retrieved; 10000 is the README's example count and the step of the published
 #: CIFAR-10 IPC 10 checkpoint, 15000 that of the published CIFAR-10 IPC 1 checkpoint.
 FULL_ITERATIONS = {1: 15000, 10: 10000, 50: 10000}
 
@@ -1029,7 +970,7 @@ def preset_config(preset: str, dataset: str, ipc: int, **overrides: Any) -> RCIG
     """The :class:`RCIGConfig` of ``preset`` (``"quick"`` or ``"full"``) for ``dataset`` at ``ipc``, with
     ``overrides`` (config fields) applied.
 
-    ``"full"``: the official ``depth_3`` / ``depth_3_no_flip`` values (distillers.md §3.4) for ``cifar10``,
+    ``"full"``: the official ``depth_3`` / ``depth_3_no_flip`` values (``yolky/RCIG`` ``configs_final``) for ``cifar10``,
     ``cifar100``, ``fashion-mnist`` and ``mnist``; iterations from :data:`FULL_ITERATIONS` (10000 for other IPCs).
     CIFAR-100 IPC 50: the reference additionally back-propagates through random subsets of 2000 support images
     (``cifar100_50.txt``); ddfast uses the whole support set (more memory).
@@ -1042,7 +983,7 @@ def preset_config(preset: str, dataset: str, ipc: int, **overrides: Any) -> RCIG
         raise ValueError(f"preset must be 'quick' or 'full', got {preset!r}")
     if isinstance(ipc, bool) or not isinstance(ipc, int) or ipc < 1:
         raise ValueError(f"ipc must be an int >= 1, got {ipc!r}")
-    ds = _canonical_dataset(dataset)
+    ds = canonical_name(dataset)
     if preset == "full":
         if ds not in _FULL_DATASETS:
             raise ValueError(f"no 'full' RCIG preset for dataset {dataset!r}; known: {_FULL_DATASETS} "
@@ -1053,9 +994,6 @@ def preset_config(preset: str, dataset: str, ipc: int, **overrides: Any) -> RCIG
         base = dict(ipc=ipc, iterations=200, checkpoint_every=50, base_width=16, pool_model_count=10,
                     max_online_steps=50, real_batch_size=256, n_inner_steps=8, n_hinv_steps=8, proto_lr=0.01,
                     eval_steps=1000, eval_warmup_steps=200, lr_adapt_every=25)
-    base.update(overrides)
-    try:
-        cfg = RCIGConfig.from_dict(base)
-    except TypeError as exc:
-        raise ValueError(f"bad RCIG option: {exc}") from None
-    return cfg.validate()
+    for name, value in overrides.items():
+        set_path(base, name, value, RCIGConfig)
+    return RCIGConfig.from_dict(base)

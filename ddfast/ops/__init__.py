@@ -1,6 +1,6 @@
 """ddfast's fused ops, with autograd, fake kernels for ``torch.compile`` and pure-PyTorch fallbacks.
 
-Public ops (specification: shared/reference/kernels.md):
+Public ops (each op's maths, gradients and error behaviour in its docstring):
 
 - :func:`trajectory_matching_loss` -- MTT/DATM normalised parameter distance (MTT eq. 2), with
   :func:`tesla_quantities` for TESLA's constant-memory meta-gradient.

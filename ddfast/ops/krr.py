@@ -18,7 +18,7 @@ Hessian-vector products) a differentiable composite built from the same register
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple, Union
 
 import torch
 

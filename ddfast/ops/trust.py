@@ -19,7 +19,7 @@ the CUDA kernels give NaN rows). None of these ops is differentiable except :fun
 from __future__ import annotations
 
 import numbers
-from typing import NamedTuple, Optional, Sequence, Tuple, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor

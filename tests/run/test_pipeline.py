@@ -8,6 +8,7 @@ import torch
 
 import _ddfast_fake
 from ddfast import pipeline, sweep
+from ddfast.pipeline import stages
 from ddfast.distill.base import SyntheticSet
 from ddfast.pipeline import RunConfig, RunConfigMismatch, UsageError
 
@@ -117,8 +118,8 @@ def test_report_titles_without_label_noise():
 
 def test_finished_run_is_not_recomputed(finished, monkeypatch):
     out, m = finished
-    monkeypatch.setattr(pipeline, "_distill", lambda *a, **k: pytest.fail("distilled again"))
-    monkeypatch.setattr(pipeline, "_evaluate", lambda *a, **k: pytest.fail("evaluated again"))
+    monkeypatch.setattr(stages, "_distill", lambda *a, **k: pytest.fail("distilled again"))
+    monkeypatch.setattr(stages, "evaluate_synthetic_set", lambda *a, **k: pytest.fail("evaluated again"))
     again = pipeline.run(_cfg(out))
     assert again["results"] == m["results"]
 
@@ -153,19 +154,19 @@ def test_interrupt_after_distillation_keeps_finished_stages(tmp_path, monkeypatc
     out = tmp_path / "run"
     cfg = _cfg(out, overrides=TINY)
     calls = {"n": 0}
-    real = pipeline._run_baseline
+    real = stages.run_baseline
 
     def boom(*a, **k):
         calls["n"] += 1
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "_run_baseline", boom)
+    monkeypatch.setattr(stages, "run_baseline", boom)
     with pytest.raises(KeyboardInterrupt):
         pipeline.run(cfg)
     assert (out / SyntheticSet.FILE_META).exists() and (out / "stages" / "evaluate.json").exists()
     assert not (out / "metrics.json").exists()
-    monkeypatch.setattr(pipeline, "_run_baseline", real)
-    monkeypatch.setattr(pipeline, "_distill", lambda *a, **k: pytest.fail("distilled again"))
+    monkeypatch.setattr(stages, "run_baseline", real)
+    monkeypatch.setattr(stages, "_distill", lambda *a, **k: pytest.fail("distilled again"))
     m = pipeline.run(cfg)
     assert m["stages"]["distill"]["resumed"] and m["stages"]["evaluate"]["resumed"]
     assert "random_subset" in m["results"]
@@ -173,7 +174,7 @@ def test_interrupt_after_distillation_keeps_finished_stages(tmp_path, monkeypatc
 
 def test_baseline_results_are_cached_across_runs(tmp_path, monkeypatch):
     m1 = pipeline.run(_cfg(tmp_path / "a", overrides=TINY))
-    monkeypatch.setattr(pipeline, "_run_baseline", lambda *a, **k: pytest.fail("baseline recomputed"))
+    monkeypatch.setattr(stages, "run_baseline", lambda *a, **k: pytest.fail("baseline recomputed"))
     m2 = pipeline.run(_cfg(tmp_path / "b", overrides={"distill": {"iterations": 1}}))
     assert m2["stages"]["baseline:random_subset"]["cached"] is True
     assert m2["results"]["random_subset"] == m1["results"]["random_subset"]
@@ -302,25 +303,24 @@ def test_sweep_table_shape():
 
 
 def test_full_data_baselines_match_ddfast_baselines(tmp_path):
-    """The pipeline runs the full-data baselines through evaluate_sharded (progress, sharding); the numbers
-    must be those of ddfast.baselines.full_noisy / gce."""
+    """The pipeline's full-data baselines (with per-epoch progress) are exactly ddfast.baselines.full_noisy / gce
+    without it (the plain evaluation harness)."""
     from ddfast import baselines as bl
     from ddfast.augment import Normalize
     from ddfast.data import load_dataset
     from ddfast.noise import corrupt_labels
 
-    opts = dict(pipeline.BASELINE_DEFAULTS, epochs=1, width=8, num_runs=2)
     ov = {"baseline": {"epochs": 1, "width": 8, "num_runs": 2}, "distill": {"iterations": 1},
           "eval": {"epochs": 1, "num_runs": 1}}
-    m = pipeline.run(_cfg(tmp_path / "r", baselines=("full_noisy", "noisy_learner"), overrides=ov))
+    m = pipeline.run(_cfg(tmp_path / "r", baselines=("full_noisy", "gce"), overrides=ov))
     train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
     noisy = corrupt_labels(train.labels, "sym:0.4", 10, seed=0)
-    ec = pipeline.full_baseline_config(opts, "cpu", 10, 0)
+    ec = pipeline.BaselineConfig(epochs=1, width=8, num_runs=2).full_eval_config("cpu", 10, 0)
     norm = Normalize(train.mean, train.std)
     ref = bl.full_noisy(train, noisy, test, config=ec, transform=norm)
     assert m["results"]["full_noisy"]["accs"] == ref.accs
     ref = bl.gce(train, noisy, test, config=ec, transform=norm, q=0.7)
-    assert m["results"]["noisy_learner"]["accs"] == ref.accs
+    assert m["results"]["gce"]["accs"] == ref.accs
 
 
 def test_evaluation_during_distillation_is_plotted(tmp_path):

@@ -10,15 +10,6 @@ from ddfast.noise import (ASYM_MAPPINGS, CIFAR100_SUPERCLASSES, NoiseSpec, corru
                           parse_noise_spec, symmetric_transition, transition_matrix)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # small tensors: one thread is as fast and does not collapse when the 2 cores are shared
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _labels(n, c, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, c, (n,), generator=g)

@@ -14,14 +14,6 @@ from ddfast import data as D
 from ddfast.data import CorruptDatasetError, DatasetNotFoundError, load_dataset
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # small tensors: one thread is as fast and does not collapse when the 2 cores are shared
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 have_fmnist = os.path.isfile(os.path.join(FMNIST_DIR, "train-images-idx3-ubyte.gz"))
 needs_fmnist = pytest.mark.skipif(not have_fmnist, reason="apt-get install dataset-fashion-mnist (.ci/run does)")

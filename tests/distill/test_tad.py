@@ -1,4 +1,4 @@
-"""Tests of ddfast.tad (trust-aware diversion, arXiv 2502.05027; ddfast's design in noisy-labels.md §3).
+"""Tests of ddfast.tad (trust-aware diversion, arXiv 2502.05027; ddfast's design in ddfast.tad's docstring).
 
 Partition quality is checked on scikit-learn's digits and on Fashion-MNIST slices with ddfast.noise's symmetric
 and asymmetric noise; the building blocks against independent references (scikit-learn's Ledoit-Wolf,
@@ -43,8 +43,15 @@ def _fashion_available() -> bool:
 HAS_FMNIST = _fashion_available()
 
 # small, fast scoring networks for the test sizes (the defaults are sized for 60k Fashion-MNIST)
-DIGITS_TAD = dict(scorer_width=16, scorer_depth=2, warmup_epochs=8.0, refine_epochs=2.0, rounds=3, cleanlab=True)
-FMNIST_TAD = dict(scorer_width=16, scorer_depth=3, warmup_epochs=3.0, refine_epochs=1.0, rounds=3, cleanlab=True)
+DIGITS_TAD = {"scorer.net.width": 16, "scorer.net.depth": 2, "scorer.warmup_epochs": 8.0, "scorer.refine_epochs": 2.0,
+              "rounds": 3, "cleanlab": True}
+FMNIST_TAD = {"scorer.net.width": 16, "scorer.net.depth": 3, "scorer.warmup_epochs": 3.0, "scorer.refine_epochs": 1.0,
+              "rounds": 3, "cleanlab": True}
+
+
+def tadcfg(options) -> TADConfig:
+    """A TADConfig from a dict of (dotted) options (:meth:`ddfast.config.Config.replace`)."""
+    return TADConfig().replace(**options)
 
 
 @functools.lru_cache(maxsize=None)
@@ -62,7 +69,7 @@ def partition_run(name: str, spec: str, overrides: tuple = ()):
     ts, nl = noisy_data(name, spec, 3000 if name == "fashion-mnist" else 0)
     base = dict(DIGITS_TAD if name == "digits" else FMNIST_TAD)
     base.update(dict(overrides))
-    return tad_partition(ts, clean_labels=nl, **base)
+    return tad_partition(ts, tadcfg(base), clean_labels=nl)
 
 
 CASES = [("digits", "sym:0.4"), ("digits", "asym:0.4"),
@@ -74,18 +81,19 @@ CASES = [("digits", "sym:0.4"), ("digits", "asym:0.4"),
 # config
 # ----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("field,value", [
-    ("rounds", 0), ("schedule", "dual"), ("scorer_width", 0), ("scorer_norm", "group"), ("warmup_epochs", 0),
-    ("scorer_lr", -0.1), ("scorer_momentum", 1.0), ("refine", "both"), ("loss_ema", 1.0), ("loss_ema", -0.1),
+    ("rounds", 0), ("schedule", "dual"), ("scorer.net.width", 0), ("scorer.net.norm", "group"),
+    ("scorer.warmup_epochs", 0), ("scorer.lr", -0.1), ("scorer.momentum", 1.0), ("scorer.refine", "both"),
+    ("loss_ema", 1.0), ("loss_ema", -0.1),
     ("loss_norm", "zscore"), ("gmm_iters", 0), ("gmm_reg_covar", 0.0), ("tau", 1.0), ("tau", 0.0),
     ("trust_update", "shrink"), ("covariance", "oas"), ("shrinkage", 1.5), ("maha_quantile", 0.0),
     ("kappa", 1.5), ("recall", 1), ("consistency_lambda", -1.0), ("consistency_dsa", "color_warp"),
     ("consistency_target", "logits"), ("cleanlab_folds", 1), ("seed", 1.5), ("min_trusted_per_class", -1),
-    ("divert_pool", "yes"), ("divert_pool", 1), ("warmup_epochs", float("nan")), ("recall_ratio", 0.0), ("recall_ratio", 1.1),
+    ("divert_pool", "yes"), ("divert_pool", 1), ("scorer.warmup_epochs", float("nan")), ("recall_ratio", 0.0), ("recall_ratio", 1.1),
     ("trust_statistic", "entropy"),
 ])
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
-        TADConfig(**{field: value})
+        TADConfig().replace(**{field: value})
 
 
 def test_config_round_trip_and_unknown_option():
@@ -268,9 +276,9 @@ def test_recall_switches_really_switch():
     """Each reliability criterion, switched off, lets a superset through; alone, each one refuses samples."""
     res = partition_run("digits", "sym:0.4", (("rounds", 1),))
     ts, nl = noisy_data("digits", "sym:0.4")
-    scorer = tad.TrustScorer(TADConfig(**DIGITS_TAD), 1, 10, (8, 8), ts.mean, ts.std)
+    scorer = tad.TrustScorer(tadcfg(DIGITS_TAD), 1, 10, (8, 8), ts.mean, ts.std)
     # f after round 0 is in the state's checkpoint-free run: rebuild it deterministically
-    scorer.train(ts.images, ts.labels, DIGITS_TAD["warmup_epochs"], tad._seed(0, 1, 0))
+    scorer.train(ts.images, ts.labels, DIGITS_TAD["scorer.warmup_epochs"], tad.tad_seed(0, 1, 0))
     logits, feats = scorer.score(ts.images)
     pred = logits.argmax(1)
     from ddfast.ops import sample_stats
@@ -331,7 +339,7 @@ def _round_losses(res_dir, r, ts):
 def test_loss_ema_across_rounds(tmp_path, m):
     ts, nl = noisy_data("digits", "sym:0.4")
     cfg = dict(DIGITS_TAD, rounds=2, loss_ema=m, cleanlab=False)
-    tad_partition(ts, checkpoint_dir=str(tmp_path), **cfg)
+    tad_partition(ts, tadcfg(cfg), checkpoint_dir=str(tmp_path))
     t0, _ = _round_losses(tmp_path, 0, ts)
     t1, logits1 = _round_losses(tmp_path, 1, ts)
     labels1 = torch.where(t0["replacement"] >= 0, t0["replacement"], ts.labels)
@@ -344,8 +352,8 @@ def test_loss_ema_across_rounds(tmp_path, m):
 
 def test_margin_statistic(tmp_path):
     ts, _ = noisy_data("digits", "sym:0.4")
-    tad_partition(ts, checkpoint_dir=str(tmp_path), **dict(DIGITS_TAD, rounds=1, trust_statistic="margin",
-                                                           cleanlab=False))
+    tad_partition(ts, tadcfg(dict(DIGITS_TAD, rounds=1, trust_statistic="margin", cleanlab=False)),
+                  checkpoint_dir=str(tmp_path))
     t0, logits = _round_losses(tmp_path, 0, ts)
     p = torch.softmax(logits.double(), 1)
     py = p.gather(1, ts.labels[:, None]).squeeze(1)
@@ -357,7 +365,8 @@ def test_refine_none_keeps_the_scorer_and_finetune_changes_it(tmp_path):
     ts, _ = noisy_data("digits", "sym:0.4")
     for refine in ("none", "finetune"):
         d = tmp_path / refine
-        tad_partition(ts, checkpoint_dir=str(d), **dict(DIGITS_TAD, rounds=2, refine=refine, cleanlab=False))
+        tad_partition(ts, tadcfg(dict(DIGITS_TAD, rounds=2, cleanlab=False, **{"scorer.refine": refine})),
+                      checkpoint_dir=str(d))
         t0, _ = _round_losses(d, 0, ts)
         t1, _ = _round_losses(d, 1, ts)
         same = all(torch.equal(t0[k], t1[k]) for k in t0 if k.startswith("scorer."))
@@ -380,8 +389,8 @@ def test_recall_off_and_refit_switches():
 
 def test_same_seed_same_partition_other_seed_differs():
     a = partition_run("digits", "sym:0.4", (("rounds", 1), ("cleanlab", False)))
-    b = tad_partition(noisy_data("digits", "sym:0.4")[0], **dict(DIGITS_TAD, rounds=1, cleanlab=False))
-    c = tad_partition(noisy_data("digits", "sym:0.4")[0], **dict(DIGITS_TAD, rounds=1, cleanlab=False, seed=1))
+    b = tad_partition(noisy_data("digits", "sym:0.4")[0], tadcfg(dict(DIGITS_TAD, rounds=1, cleanlab=False)))
+    c = tad_partition(noisy_data("digits", "sym:0.4")[0], tadcfg(dict(DIGITS_TAD, rounds=1, cleanlab=False, seed=1)))
     assert torch.equal(a.state.trusted, b.state.trusted) and torch.equal(a.state.replacement, b.state.replacement)
     assert not torch.equal(a.state.weights, c.state.weights)
 
@@ -476,8 +485,8 @@ FAST_TAD = dict(DIGITS_TAD, rounds=2, cleanlab=False)
 def _tiny_run(tmp=None, distiller_kw=None, **tad_kw):
     ts, nl = noisy_data("digits", "sym:0.4")
     d = Tiny(TinyConfig(**(distiller_kw or {})), quiet=True)
-    res = run_tad(d, ts, clean_labels=nl, checkpoint_dir=str(tmp) if tmp else None, quiet=True,
-                  **{**FAST_TAD, **tad_kw})
+    res = run_tad(d, ts, tadcfg({**FAST_TAD, **tad_kw}), clean_labels=nl, checkpoint_dir=str(tmp) if tmp else None,
+                  quiet=True)
     return d, res
 
 
@@ -492,8 +501,6 @@ def test_diversion_default_every_part_sees_the_trusted_set():
     # the synthetic labels come from the effective (pseudo-)labels of trusted samples
     eff = res.state.effective_labels(noisy_data("digits", "sym:0.4")[0].labels)
     assert torch.equal(res.synset.labels, eff[d.init_idx])
-    synset, rounds = res  # unpacks like (SyntheticSet, diagnostics)
-    assert synset is res.synset and rounds == res.rounds
     assert res.synset.metadata["tad"]["summary"]["n_trusted"] == n_t
 
 
@@ -540,7 +547,7 @@ def test_consistency_hook_on_and_off():
 def test_consistency_regularizer_value_and_gradient():
     ts, _ = noisy_data("digits", "sym:0.4")
     cfg = TADConfig(consistency_lambda=0.3, consistency_dsa="")
-    f = tad.TrustScorer(cfg.replace(scorer_width=8, scorer_depth=2), 1, 10, (8, 8), ts.mean, ts.std).model
+    f = tad.TrustScorer(cfg.replace(scorer={"net": {"width": 8, "depth": 2}}), 1, 10, (8, 8), ts.mean, ts.std).model
     zca_like = Normalize([0.3], [0.7])  # the distiller's input space differs from f's
     x_pix = ts.images[:12]
     x = zca_like.transform(x_pix).requires_grad_(True)
@@ -570,7 +577,7 @@ def test_synset_transform_inverts_zca():
     tr = build_input_transform("normalize+zca", ts.images, mean=ts.mean, std=ts.std)
     syn = SyntheticSet(tr.transform(ts.images[:5]), torch.zeros(5, dtype=torch.long), 10, 1, "x",
                        preprocess={"kind": tr.kind}, preprocess_state=tr.state_dict())
-    back = tad._synset_transform(syn).inverse(syn.images)
+    back = syn.input_transform().inverse(syn.images)
     torch.testing.assert_close(back, ts.images[:5], rtol=1e-3, atol=1e-3)
 
 
@@ -596,19 +603,21 @@ def test_resume_after_a_killed_round_equals_uninterrupted(tmp_path, monkeypatch,
     kw = dict(schedule=schedule, rounds=3, consistency_lambda=0.2)
     _, full = _tiny_run(tmp_path / "a", **kw)
     calls = []
-    real_round = tad._TADRun.round
+    import ddfast.tad.run as tad_run
 
-    def dying(self, r, prev):
+    real_round = tad_run.run_round
+
+    def dying(ctx, r, prev):
         if r == 2:
             raise KeyboardInterrupt("killed in round 2")
         calls.append(r)
-        return real_round(self, r, prev)
+        return real_round(ctx, r, prev)
 
-    monkeypatch.setattr(tad._TADRun, "round", dying)
+    monkeypatch.setattr(tad_run, "run_round", dying)
     with pytest.raises(KeyboardInterrupt):
         _tiny_run(tmp_path / "b", **kw)
     assert calls == [0, 1]
-    monkeypatch.setattr(tad._TADRun, "round", lambda self, r, prev: (calls.append(r), real_round(self, r, prev))[1])
+    monkeypatch.setattr(tad_run, "run_round", lambda ctx, r, prev: (calls.append(r), real_round(ctx, r, prev))[1])
     _, resumed = _tiny_run(tmp_path / "b", **kw)
     assert calls == [0, 1, 2]  # rounds 0 and 1 were loaded, not recomputed
     assert _strip(resumed.rounds) == _strip(full.rounds)
@@ -647,8 +656,8 @@ def _e2e(method, cfg, tmp_path):
 
     ts, nl = noisy_data("digits", "sym:0.4")
     d = make_distiller(method, cfg, cache_dir=str(tmp_path / "cache"), quiet=True)
-    res = run_tad(d, ts, clean_labels=nl, checkpoint_dir=str(tmp_path / "ckpt"), quiet=True,
-                  **dict(FAST_TAD, rounds=1, warmup_epochs=4.0, consistency_lambda=0.1))
+    res = run_tad(d, ts, tadcfg(dict(FAST_TAD, rounds=1, consistency_lambda=0.1, **{"scorer.warmup_epochs": 4.0})),
+                  clean_labels=nl, checkpoint_dir=str(tmp_path / "ckpt"), quiet=True)
     syn = res.synset
     assert syn.images.shape[0] == 10 * cfg.ipc * getattr(cfg, "factor", 1) ** 2
     assert bool(torch.isfinite(syn.images).all()) and bool(torch.isfinite(syn.labels.float()).all())
@@ -666,9 +675,10 @@ def test_tad_with_datm(tmp_path, monkeypatch):
     seen = []
     real_prepare = DATM.prepare
     monkeypatch.setattr(DATM, "prepare", lambda self, train: (seen.append(_sig(train)), real_prepare(self, train))[1])
-    cfg = DATMConfig(ipc=1, iterations=3, width=8, depth=2, num_experts=2, train_epochs=6, expert_optimizer="sgd",
-                     lr_teacher=0.03, syn_steps=3, expert_epochs=2, min_start_epoch=0, current_max_start_epoch=2,
-                     max_start_epoch=4, expansion_end_epoch=10, checkpoint_every=2, eval_epochs=10, eval_runs=1)
+    cfg = DATMConfig.from_dict(dict(
+        ipc=1, iterations=3, expert=dict(net=dict(width=8, depth=2), num_experts=2, epochs=6, optimizer="sgd", lr=0.03),
+        syn_steps=3, expert_epochs=2, min_start_epoch=0, current_max_start_epoch=2, max_start_epoch=4,
+        expansion_end_epoch=10, checkpoint_every=2, eval_epochs=10, eval_runs=1))
     d, res = _e2e("datm", cfg, tmp_path)
     # experts and initial images come from the trusted set only
     n_t = int(res.state.trusted.sum())
@@ -680,9 +690,9 @@ def test_tad_with_datm(tmp_path, monkeypatch):
 def test_tad_with_dance(tmp_path):
     from ddfast.distill.dance import DANCEConfig
 
-    cfg = DANCEConfig(ipc=1, iterations=2, checkpoint_every=2, factor=1, net_width=8, net_depth=2, pretrain_amount=2,
-                      num_premodel=2, pretrain_epochs=2, pretrain_lr=0.05, batch_real=32, lr_img=0.05, eval_width=8,
-                      eval_epochs=10, eval_runs=1)
+    cfg = DANCEConfig.from_dict(dict(
+        ipc=1, iterations=2, checkpoint_every=2, factor=1, num_premodel=2, batch_real=32, lr_img=0.05, eval_width=8,
+        eval_epochs=10, eval_runs=1, pool=dict(net=dict(width=8, depth=2), amount=2, epochs=2, lr=0.05)))
     d, res = _e2e("dance", cfg, tmp_path)
     assert res.synset.metadata["n_real_used"] == int(res.state.trusted.sum())
 
@@ -698,13 +708,15 @@ def test_tad_with_rcig(tmp_path):
     assert torch.equal(torch.sort(d._real_idx).values, torch.nonzero(res.state.trusted).flatten())
 
 
-def test_run_tad_argument_forms():
+def test_run_tad_arguments():
     ts, _ = noisy_data("digits", "sym:0.4")
     with pytest.raises(TypeError, match="TrainSet"):
         run_tad(Tiny(TinyConfig(), quiet=True), ts.images)
-    with pytest.raises(TypeError, match="Distiller or a method"):
-        run_tad(3, ts)
+    with pytest.raises(TypeError, match="Distiller"):
+        run_tad("datm", ts)
     with pytest.raises(ValueError, match="clean_labels"):
-        run_tad(Tiny(TinyConfig(), quiet=True), ts, clean_labels=torch.zeros(5, dtype=torch.long), **FAST_TAD)
+        run_tad(Tiny(TinyConfig(), quiet=True), ts, tadcfg(FAST_TAD), clean_labels=torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match="bogus"):
-        run_tad(Tiny(TinyConfig(), quiet=True), ts, bogus=1)
+        run_tad(Tiny(TinyConfig(), quiet=True), ts, {"bogus": 1})
+    with pytest.raises(TypeError, match="config"):
+        run_tad(Tiny(TinyConfig(), quiet=True), ts, 3)

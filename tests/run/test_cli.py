@@ -16,7 +16,7 @@ from ddfast.distill.base import SyntheticSet
 
 _ddfast_fake.register()
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TESTS = os.path.join(ROOT, "tests")
 # `python -m ddfast` with the test-only `fake` method registered
 FAKE_MAIN = ("import sys; sys.path.insert(0, {tests!r}); import _ddfast_fake; _ddfast_fake.register(); "
@@ -115,19 +115,19 @@ def test_resume_with_other_options_is_refused(tmp_path, monkeypatch, capsys):
 # ----------------------------------------------------------------------------------------------------------
 # tiny configs of the real distillers (a few seconds each) and of TAD
 TINY = {
-    "datm": ["distill.iterations=2", "distill.checkpoint_every=1", "distill.num_experts=2", "distill.train_epochs=2",
+    "datm": ["distill.iterations=2", "distill.checkpoint_every=1", "distill.expert.num_experts=2", "distill.expert.epochs=2",
              "distill.syn_steps=2", "distill.current_max_start_epoch=1", "distill.max_start_epoch=1",
-             "distill.expert_epochs=1", "distill.eval_epochs=2", "distill.eval_runs=2", "distill.width=8"],
-    "dance": ["distill.iterations=2", "distill.checkpoint_every=1", "distill.pretrain_amount=2",
-              "distill.num_premodel=2", "distill.pretrain_epochs=1", "distill.pretrain_subset=200",
-              "distill.net_width=8", "distill.eval_width=8", "distill.eval_epochs=2", "distill.eval_runs=2",
+             "distill.expert_epochs=1", "distill.eval_epochs=2", "distill.eval_runs=2", "distill.expert.net.width=8"],
+    "dance": ["distill.iterations=2", "distill.checkpoint_every=1", "distill.pool.amount=2",
+              "distill.num_premodel=2", "distill.pool.epochs=1", "distill.pool.subset=200",
+              "distill.pool.net.width=8", "distill.eval_width=8", "distill.eval_epochs=2", "distill.eval_runs=2",
               "distill.batch_real=16"],
     "rcig": ["distill.iterations=2", "distill.checkpoint_every=1", "distill.pool_model_count=2",
              "distill.max_online_steps=2", "distill.n_inner_steps=2", "distill.n_hinv_steps=2",
              "distill.real_batch_size=64", "distill.eval_steps=5", "distill.eval_warmup_steps=1", "distill.eval_runs=2",
              "distill.base_width=8"],
 }
-TINY_TAD = ["tad.rounds=2", "tad.warmup_epochs=0.5", "tad.refine_epochs=0.5", "tad.scorer_width=8",
+TINY_TAD = ["tad.rounds=2", "tad.scorer.warmup_epochs=0.5", "tad.scorer.refine_epochs=0.5", "tad.scorer.net.width=8",
             "tad.min_trusted_per_class=8"]
 TINY_BASELINES = ["baseline.epochs=1", "baseline.width=8"]
 
@@ -138,13 +138,13 @@ def _overrides(items):
 
 def test_run_end_to_end_on_digits_datm_tad(tmp_path):
     args = ["run", "--dataset", "digits", "--noise", "sym:0.4", "--method", "datm", "--tad", "--ipc", "2", "--seed",
-            "1", "--out", "d", "--baselines", "random_subset,full_noisy,noisy_learner"]
+            "1", "--out", "d", "--baselines", "random_subset,full_noisy,gce"]
     args += _overrides(TINY["datm"] + TINY_TAD + TINY_BASELINES)
     p = _ddfast(tmp_path, *args)
     assert p.returncode == 0, p.stderr[-3000:]
     out = tmp_path / "d"
     m = json.load(open(out / "metrics.json"))
-    for k in ("distilled", "random_subset", "full_noisy", "noisy_learner"):
+    for k in ("distilled", "random_subset", "full_noisy", "gce"):
         assert 0 <= m["results"][k]["mean"] <= 100 and m["results"][k]["accs"]
     assert m["noise"]["spec"] == "sym:0.4" and m["config"]["seed"] == 1 and m["config"]["tad"] is True
     rounds = m["tad"]["rounds"]

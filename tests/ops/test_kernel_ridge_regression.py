@@ -13,7 +13,7 @@ import ddfast._extension as ext
 from ddfast.ops import kernel_ridge_regression
 from ddfast.ops.krr import KRRFactor, krr_factor, krr_predict, krr_solve
 
-from conftest import DEVICES, FLOAT_DTYPES, randn, tol
+from _helpers import DEVICES, FLOAT_DTYPES, randn, tol
 
 needs_ext = pytest.mark.skipif(not ext.has_extension(), reason="compiled extension not loaded")
 

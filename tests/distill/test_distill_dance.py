@@ -22,17 +22,9 @@ from ddfast.distill import dance as dance_mod
 from ddfast.distill import pool as pool_mod
 from ddfast.distill.dance import DANCE, DANCEConfig, decode, mix_tiles, preset_config
 from ddfast.distill.pool import PoolConfig, build_pool, pool_digest
+from ddfast.models import NetConfig
 from ddfast.evaluate import EvalConfig, evaluate_synset
 
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions: one intra-op thread (no OpenMP oversubscription on the shared 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -52,11 +44,11 @@ def cache(tmp_path_factory):
 
 
 def tiny(**kw) -> DANCEConfig:
-    base = dict(ipc=1, iterations=4, checkpoint_every=2, factor=1, net_width=16, net_depth=2, pretrain_amount=2,
-                num_premodel=2, pretrain_epochs=6, pretrain_lr=0.05, batch_real=32, lr_img=0.05, eval_width=16,
-                eval_epochs=60, eval_runs=3)
-    base.update(kw)
-    return DANCEConfig(**base)
+    """A tiny DANCE; ``kw`` as :meth:`ddfast.config.Config.replace` (``pool={"epochs": 2}`` merges)."""
+    base = DANCEConfig(ipc=1, iterations=4, checkpoint_every=2, factor=1, num_premodel=2, batch_real=32, lr_img=0.05,
+                       eval_width=16, eval_epochs=60, eval_runs=3,
+                       pool=PoolConfig(net=NetConfig(width=16, depth=2), amount=2, epochs=6, lr=0.05))
+    return base.replace(**kw)
 
 
 def make(cfg, cache_dir=None) -> DANCE:
@@ -173,7 +165,7 @@ def _tiny_pool_inputs(ts, n=300):
 def test_pool_build_resumes_after_a_kill(digits, tmp_path):
     ts, _ = digits
     X, Y, norm = _tiny_pool_inputs(ts)
-    cfg = PoolConfig(amount=3, epochs=1, width=8, depth=2, batch_size=64)
+    cfg = PoolConfig(net=NetConfig(width=8, depth=2), amount=3, epochs=1, batch_size=64)
     key = {"dataset": "digits", "labels": "x"}
     calls = []
 
@@ -410,8 +402,8 @@ def test_extra_loss_hook(digits, cache):
 # config, presets, CutMix and the evaluation protocol
 # ----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("field,value", [("factor", 0), ("ipc", 0), ("init", "bogus"), ("mom_img", 1.5),
-                                         ("lr_img", -1.0), ("aug_type", "color_bogus"), ("pretrain_epochs", 0),
-                                         ("pretrain_cutmix_p", 2.0), ("batch_real", 0), ("decode_type", "multi")])
+                                         ("lr_img", -1.0), ("aug_type", "color_bogus"), ("pool.epochs", 0),
+                                         ("pool.cutmix_p", 2.0), ("batch_real", 0), ("decode_type", "multi")])
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         tiny(**{field: value})
@@ -420,13 +412,13 @@ def test_bad_config_names_the_field(field, value):
 def test_presets():
     full = preset_config("full", "cifar10", 10)
     assert (full.iterations, full.lr_img_resolved, full.mom_img, full.factor) == (10000, 0.1, 0.5, 2)
-    assert (full.pretrain_amount, full.pretrain_epochs, full.num_premodel, full.iter_calib) == (20, 60, 5, 1)
-    assert (full.batch_real, full.batch_syn_max, full.net_width, full.eval_epochs) == (128, 200, 128, 1500)
+    assert (full.pool.amount, full.pool.epochs, full.num_premodel, full.iter_calib) == (20, 60, 5, 1)
+    assert (full.batch_real, full.batch_syn_max, full.pool.net.width, full.eval_epochs) == (128, 200, 128, 1500)
     for ipc in (1, 10, 50):
         fm = make_config("dance", "full", "fashion-mnist", ipc)
         assert fm.lr_img_resolved == pytest.approx(0.01 * ipc) and fm.init_resolved == "mix"
     q = preset_config("quick", "fashion-mnist", 10, iterations=7)
-    assert q.iterations == 7 and q.net_width <= 64 and q.pretrain_subset > 0
+    assert q.iterations == 7 and q.pool.net.width <= 64 and q.pool.subset > 0
     with pytest.raises(ValueError, match="preset"):
         preset_config("huge", "cifar10", 10)
     with pytest.raises(ValueError, match="unknown"):

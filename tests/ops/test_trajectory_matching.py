@@ -1,6 +1,6 @@
 """Tests of ddfast.ops.trajectory_matching_loss and ddfast.ops.tesla_quantities (MTT eq. 2, TESLA).
 
-Oracles: exact float64 sums (math.fsum) for the loss, kernels.md's closed-form gradients evaluated in float64, and
+Oracles: exact float64 sums (math.fsum) for the loss, the closed-form gradients of the op's docstring evaluated in float64, and
 autograd of the explicit TESLA loss L = ||start - lr G - target||^2 / ||start - target||^2 in float64.
 Each test runs on the compiled kernel when the extension is loaded, and the reference path is exercised by
 forcing the fallback (``ref_path`` fixture).
@@ -16,7 +16,7 @@ import ddfast._extension as ext
 from ddfast.ops import TeslaQuantities, tesla_quantities, trajectory_matching_loss
 from ddfast.ops import _reference as R
 
-from conftest import ALL_FLOAT_DTYPES, DEVICES, randn, tol
+from _helpers import ALL_FLOAT_DTYPES, DEVICES, randn, tol
 
 needs_ext = pytest.mark.skipif(not ext.has_extension(), reason="compiled extension not loaded")
 PATHS = ["kernel", "reference"]
@@ -47,7 +47,7 @@ def fsum_loss(s, e, t):
 
 
 def closed_form_grads(s, e, t, g):
-    """kernels.md §1 gradients in float64: dL/ds, dL/de, dL/dt, scaled by the upstream gradient g [B]."""
+    """The closed-form gradients (MTT eq. 2) in float64: dL/ds, dL/de, dL/dt, scaled by the upstream gradient g [B]."""
     s, e, t = (x.detach().double() for x in (s, e, t))
     num = ((s - t) ** 2).sum(-1, keepdim=True)
     den = ((e - t) ** 2).sum(-1, keepdim=True)
@@ -260,7 +260,7 @@ def test_tesla_quantities_match_autograd_of_explicit_loss(path, device, dtype, s
     sub = 2.0 ** -24 if dtype == torch.float16 else 0.0  # fp16 subnormal spacing: |v| ~ lr/P can be subnormal
     torch.testing.assert_close(q.step_vector.double(), dG, rtol=rtol, atol=atol * sv + sub)
     torch.testing.assert_close(q.grad_lr.double(), da, **tol(dtype, 16))
-    # v = 2 [lr (target - start) + lr^2 G] / den, as kernels.md writes it
+    # v = 2 [lr (target - start) + lr^2 G] / den, as tesla_quantities' docstring writes it
     if dtype == torch.float64 and lr_kind != "per_row":
         a = 0.37
         den = ((start - target) ** 2).sum(-1, keepdim=True)

@@ -13,7 +13,7 @@ import ddfast
 import ddfast._extension as ext
 import ddfast.ops as ops
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BUILT_SO = [f for f in os.listdir(os.path.join(ROOT, "ddfast")) if f.startswith("_C") and f.endswith(".so")]
 
 

@@ -6,15 +6,6 @@ import torch.nn as nn
 from ddfast import models as M
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # small tensors: one thread is as fast and does not collapse when the 2 cores are shared
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _n(model):
     return sum(p.numel() for p in model.parameters())
 
@@ -174,15 +165,18 @@ def test_batched_forward_equals_loop(x_batched):
 
 
 def test_batched_forward_gradients_match_loop():
-    m = M.get_model("convnet", 1, 4, 8, width=3, depth=2, seed=0)
+    # float64: the vmapped (grouped) convolutions sum in another order than the loop's; in float32 the gradients of
+    # near-zero entries differ by ~1e-6 relative to the largest one, so the comparison is made where rounding is
+    # negligible and the tolerance can stay tight
+    m = M.get_model("convnet", 1, 4, 8, width=3, depth=2, seed=0).double()
     flats = torch.stack([M.flat_params(M.get_model("convnet", 1, 4, 8, width=3, depth=2, seed=s)).detach()
-                         for s in range(2)]).requires_grad_()
-    x = torch.randn(6, 1, 8, 8)
+                         for s in range(2)]).double().requires_grad_()
+    x = torch.randn(6, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     M.batched_forward(m, flats, x).pow(2).sum().backward()
     for k in range(2):
         f = flats[k].detach().clone().requires_grad_()
         M.functional_forward(m, f, x).pow(2).sum().backward()
-        torch.testing.assert_close(flats.grad[k], f.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(flats.grad[k], f.grad, rtol=1e-9, atol=1e-12)
 
 
 def test_double_backward_gradgradcheck():

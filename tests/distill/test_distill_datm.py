@@ -13,19 +13,12 @@ import torch
 from ddfast.data import load_dataset
 from ddfast.distill import make_config, make_distiller
 from ddfast.distill.base import SyntheticSet, TrainSet
-from ddfast.distill.datm import DATM, DATMConfig, PRESET_DOCS, evaluate_synthetic, preset_config, soft_cross_entropy
+from ddfast.distill.datm import DATM, DATMConfig, PRESET_DOCS, preset_config, soft_cross_entropy
 from ddfast.distill.experts import ExpertRecipe, gsam_direction, train_experts
+from ddfast.evaluate import evaluate_synthetic_set
+from ddfast.models import NetConfig
 from ddfast.evaluate import EvalConfig
 from ddfast.models import functional_forward
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # the workloads here are tiny and overhead-bound; one thread avoids OpenMP contention on a shared machine
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +34,12 @@ def cache(tmp_path_factory):
 
 
 def small_config(**kw) -> DATMConfig:
-    base = dict(ipc=1, iterations=6, width=8, depth=2, num_experts=3, train_epochs=6, expert_optimizer="sgd",
-                lr_teacher=0.03, syn_steps=4, expert_epochs=2, min_start_epoch=0, current_max_start_epoch=2,
-                max_start_epoch=4, expansion_end_epoch=10, checkpoint_every=2, eval_epochs=60, eval_runs=2)
-    base.update(kw)
-    return DATMConfig(**base)
+    """A tiny DATM; ``kw`` as :meth:`ddfast.config.Config.replace` (``expert={"epochs": 8}`` merges)."""
+    base = DATMConfig(ipc=1, iterations=6, syn_steps=4, expert_epochs=2, min_start_epoch=0, current_max_start_epoch=2,
+                      max_start_epoch=4, expansion_end_epoch=10, checkpoint_every=2, eval_epochs=60, eval_runs=2,
+                      expert=ExpertRecipe(net=NetConfig(width=8, depth=2), num_experts=3, epochs=6, optimizer="sgd",
+                                          lr=0.03))
+    return base.replace(**kw)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -54,8 +48,8 @@ def small_config(**kw) -> DATMConfig:
 
 
 @pytest.mark.parametrize("field,value", [("grad_mode", "bptt"), ("syn_steps", 0), ("pix_init", "zeros"),
-                                         ("lr_teacher", -1.0), ("preprocess", "pca"), ("max_start_epoch", 6),
-                                         ("current_max_start_epoch", 0), ("expert_optimizer", "adam"),
+                                         ("expert.lr", -1.0), ("preprocess", "pca"), ("max_start_epoch", 6),
+                                         ("current_max_start_epoch", 0), ("expert.optimizer", "adam"),
                                          ("momentum_y", 1.0), ("dsa_strategy", "color_warp")])
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -64,17 +58,23 @@ def test_bad_config_names_the_field(field, value):
 
 def test_presets():
     q = preset_config("quick", "fashion-mnist", 10)
-    assert q.ipc == 10 and q.width <= 64 and q.expert_subset > 0 and q.iterations <= 1000
+    assert q.ipc == 10 and q.net.width <= 64 and q.expert.subset_per_class > 0 and q.iterations <= 1000
     f = preset_config("full", "cifar10", 10)
     assert (f.syn_steps, f.expert_epochs, f.batch_syn, f.lr_img, f.lr_lr, f.lr_y, f.threshold) == \
         (80, 2, 100, 100.0, 1e-5, 2.0, 1.0)
     assert (f.min_start_epoch, f.current_max_start_epoch, f.max_start_epoch, f.expansion_end_epoch) == (0, 10, 20, 1000)
-    assert f.expert_optimizer == "gsam" and (f.gsam_rho, f.gsam_alpha) == (0.01, 0.3) and f.num_experts == 100
+    assert f.expert.optimizer == "gsam" and (f.expert.gsam_rho, f.expert.gsam_alpha) == (0.01, 0.3)
+    assert f.expert.num_experts == 100
     f1 = preset_config("full", "cifar10", 1)
     assert f1.threshold == 1.1 and not f1.sequential_generation and f1.lr_lr == 1e-7
     assert preset_config("full", "cifar100", 50).pix_init == "real"
     fm = preset_config("full", "fashion-mnist", 50, iterations=7)
-    assert fm.width == 128 and fm.iterations == 7 and fm.max_start_epoch + fm.expert_epochs <= fm.train_epochs
+    assert fm.net.width == 128 and fm.iterations == 7 and fm.max_start_epoch + fm.expert_epochs <= fm.expert.epochs
+    # nested options by dotted path or by dict, checked like any other
+    assert preset_config("quick", "fashion-mnist", 10, **{"expert.epochs": 9}).expert.epochs == 9
+    assert preset_config("quick", "fashion-mnist", 10, expert={"num_experts": 2}).expert.num_experts == 2
+    with pytest.raises(ValueError, match="expert.epochs"):
+        preset_config("quick", "fashion-mnist", 10, **{"expert.epochs": "abc"})
     assert make_config("datm", "full", "fashion-mnist", 1).ipc == 1
     with pytest.raises(ValueError, match="ipc=20"):
         preset_config("full", "cifar10", 20)
@@ -95,7 +95,7 @@ def _expert_data(digits):
 
 def test_vmapped_and_sequential_experts_agree(digits):
     x, y = _expert_data(digits)
-    r = ExpertRecipe(model_kwargs={"width": 8, "depth": 2}, num_experts=3, epochs=2, lr=0.03, optimizer="gsam",
+    r = ExpertRecipe(net=NetConfig(width=8, depth=2), num_experts=3, epochs=2, lr=0.03, optimizer="gsam",
                      subset_per_class=40)
     a = train_experts(dataclasses.replace(r, vmap=True, parallel=3), x, y, 10)
     b = train_experts(dataclasses.replace(r, vmap=False, parallel=1), x, y, 10)
@@ -129,7 +129,7 @@ def test_gsam_direction_matches_definition():
 
 def test_expert_buffer_resume_equals_uninterrupted(digits, tmp_path):
     x, y = _expert_data(digits)
-    r = ExpertRecipe(model_kwargs={"width": 8, "depth": 2}, num_experts=3, epochs=3, lr=0.03, optimizer="gsam",
+    r = ExpertRecipe(net=NetConfig(width=8, depth=2), num_experts=3, epochs=3, lr=0.03, optimizer="gsam",
                      momentum=0.5, subset_per_class=30, parallel=2)
     full = train_experts(r, x, y, 10, directory=str(tmp_path / "a"), key={"k": 1})
 
@@ -251,7 +251,7 @@ def test_tesla_and_unroll_runs_track_each_other(digits, cache):
 
 def test_distillation_reduces_loss_and_beats_its_initialisation(digits, cache):
     train, test = digits
-    cfg = small_config(width=16, num_experts=4, train_epochs=8, max_start_epoch=6, syn_steps=10,
+    cfg = small_config(expert={"net": {"width": 16}, "num_experts": 4, "epochs": 8}, max_start_epoch=6, syn_steps=10,
                        expansion_end_epoch=20, iterations=30, eval_epochs=100, eval_runs=4)
     d = DATM(cfg, cache_dir=cache, quiet=True)
     d.prepare(train)
@@ -262,8 +262,8 @@ def test_distillation_reduces_loss_and_beats_its_initialisation(digits, cache):
     syn = d.run(train, initialize=False, iterations=30)
     after = sum(d.matching_loss(k, t, seed=i) for i, (k, t) in enumerate(segs)) / len(segs)
     assert after < 0.7 * before
-    r0 = evaluate_synthetic(syn0, test)
-    r1 = evaluate_synthetic(syn, test)
+    r0 = evaluate_synthetic_set(syn0, test)
+    r1 = evaluate_synthetic_set(syn, test)
     diffs = torch.tensor(r1.accs) - torch.tensor(r0.accs)  # paired: same seeds, same protocol
     se = diffs.std() / math.sqrt(len(diffs)) + 1e-9
     assert diffs.mean() > 5.0 and diffs.mean() > 3 * se, (r0, r1)
@@ -342,7 +342,7 @@ def test_trust_fields_are_respected(digits, cache):
     assert trusted[idx].all()
     assert torch.equal(eff[idx], torch.arange(10).repeat_interleave(2))  # slot class = effective label
     # the experts are exactly those trained on the effective subset (trusted samples, replacement labels)
-    ref = train_experts(d.config.expert_recipe(), d._x_all[t2.effective_indices()], eff[t2.effective_indices()], 10)
+    ref = train_experts(d.config.expert, d._x_all[t2.effective_indices()], eff[t2.effective_indices()], 10)
     for k in range(d.experts.num_experts):
         assert torch.equal(d.experts.trajectory(k), ref.trajectory(k))
     # update_train keeps the experts unless asked to rebuild
@@ -356,7 +356,7 @@ def test_trust_fields_are_respected(digits, cache):
 def test_fallback_to_random_real_samples_warns(digits, cache):
     train, _ = digits
     # experts that barely move from their random initialisation classify most classes wrongly
-    cfg = small_config(lr_teacher=1e-7, num_experts=1, ipc=3)
+    cfg = small_config(expert={"lr": 1e-7, "num_experts": 1}, ipc=3)
     d = DATM(cfg, cache_dir=cache, quiet=True)
     with pytest.warns(RuntimeWarning, match="random real samples"):
         d.run(train, iterations=1)
@@ -383,5 +383,5 @@ def test_synthetic_set_roundtrip_and_protocol(digits, cache, tmp_path):
 
     tr = transform_from_state_dict(back.preprocess["kind"], back.preprocess_state)
     torch.testing.assert_close(tr(train.images[:5]), d.transform(train.images[:5]))
-    r = evaluate_synthetic(back, test, epochs=5, num_runs=1)
+    r = evaluate_synthetic_set(back, test, epochs=5, runs=1)
     assert 0 <= r.mean <= 100

@@ -14,11 +14,8 @@ CFG = EvalConfig(model_kwargs={"width": 16, "depth": 2}, epochs=8, num_runs=1, b
 
 @pytest.fixture(scope="module")
 def data():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny networks: one thread, robust to a shared machine
     tr, te = load_dataset("digits"), load_dataset("digits", "test")
-    yield tr, te, corrupt_labels(tr.labels, "sym:0.6", 10, seed=0)
-    torch.set_num_threads(old)
+    return tr, te, corrupt_labels(tr.labels, "sym:0.6", 10, seed=0)
 
 
 def test_full_clean_beats_full_noisy_and_gce_is_recorded(data):

@@ -25,15 +25,6 @@ from ddfast.ops.krr import krr_factor, krr_predict, krr_solve
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops: one thread (an oversubscribed 2-core machine makes OpenMP barriers dominate); restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def digits():
     tr = load_dataset("digits")
@@ -426,7 +417,6 @@ def test_trust_fields_are_respected(digits):
 
 def test_outer_loss_goes_down_and_beats_initialisation(digits, tmp_path):
     from ddfast.evaluate import EvalConfig, evaluate_synset
-    from ddfast.report import synset_input_transform
 
     tr, te = digits
     train = _train_set(tr)
@@ -446,7 +436,7 @@ def test_outer_loss_goes_down_and_beats_initialisation(digits, tmp_path):
     assert syn.labels.dtype == torch.float32 and syn.labels.shape == (10, 10) and syn.method == "rcig"
     ec = EvalConfig(**syn.eval_config)
     assert ec.loss == "mse" and ec.optimizer == "adam" and ec.schedule == "cosine"
-    tf = synset_input_transform(syn)
+    tf = syn.input_transform()
     torch.testing.assert_close(tf(te.images[:5]), r.transform(te.images[:5]))
     acc = evaluate_synset(syn.images, syn.labels, te, config=ec, transform=tf, images_transformed=True)
     acc0 = evaluate_synset(syn0.images, syn0.labels, te, config=ec, transform=tf, images_transformed=True)

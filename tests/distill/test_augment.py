@@ -7,14 +7,6 @@ from ddfast.augment import (DSA, DSAParams, Compose, Identity, Normalize, ZCA, b
                             transform_from_state_dict)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # small tensors: one thread is as fast and does not collapse when the 2 cores are shared
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 ALL = "color_crop_cutout_flip_scale_rotate"
 
 

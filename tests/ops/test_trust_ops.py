@@ -22,7 +22,7 @@ import ddfast.ops as ops
 from ddfast.ops import trust as trust_mod
 from ddfast.ops._reference import trust as ref
 
-from conftest import ALL_FLOAT_DTYPES, DEVICES, FLOAT_DTYPES, HAS_CUDA, gen, tol
+from _helpers import ALL_FLOAT_DTYPES, DEVICES, FLOAT_DTYPES, HAS_CUDA, gen, tol
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_kernels = pytest.mark.skipif(not trust_mod._KERNELS, reason="ddfast._C (trust kernels) not built")

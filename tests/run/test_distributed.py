@@ -8,6 +8,7 @@ import torch
 import torch.multiprocessing as mp
 
 from ddfast import distributed as dd
+from ddfast.evaluate import evaluate_sharded
 
 
 def _free_port() -> int:
@@ -68,7 +69,7 @@ def _worker(rank, world, port, out_dir):
 
     xtr, ytr, xte, yte = _tiny_data()
     norm = Normalize([0.5], [0.25])
-    sharded = dd.evaluate_sharded(xtr, ytr, (xte, yte), config=_eval_cfg(), transform=norm)
+    sharded = evaluate_sharded(xtr, ytr, (xte, yte), config=_eval_cfg(), transform=norm)
     res["sharded_accs"] = sharded.accs
     res["sharded_mean"] = sharded.mean
     if rank == 0:
@@ -157,7 +158,7 @@ def test_torchrun_evaluate_matches_single_process(tmp_path, monkeypatch):
     pipeline.run(pipeline.RunConfig(dataset="digits", method="fake", tad=False, ipc=2, out=str(out), device="cpu",
                                     baselines=(), quiet=True, overrides={"distill": {"iterations": 2, "eval_runs": 3}}))
     single = pipeline.evaluate_dir(str(out), device="cpu", quiet=True, write=False, overrides={"vmap": False})
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port",
                         str(_free_port()), "-m", "ddfast", "evaluate", str(out), "--json", "--quiet"],
@@ -186,13 +187,13 @@ def _datm_train():
 def _datm_cfg(**kw):
     from ddfast.distill.datm import DATMConfig
 
-    base = dict(ipc=2, iterations=_DATM_ITERS, width=8, depth=2, preprocess="normalize", num_experts=3,
-                train_epochs=3, expert_batch=8, expert_optimizer="gsam", lr_teacher=0.05, syn_steps=3,
-                expert_epochs=1, batch_syn=4, min_start_epoch=0, max_start_epoch=2, sequential_generation=False,
+    base = dict(ipc=2, iterations=_DATM_ITERS, preprocess="normalize",
+                expert=dict(net=dict(width=8, depth=2), num_experts=3, epochs=3, batch_size=8, optimizer="gsam",
+                            lr=0.05), syn_steps=3, expert_epochs=1, batch_syn=4, min_start_epoch=0, max_start_epoch=2, sequential_generation=False,
                 dsa_strategy="color_crop_flip", pix_init="real", label_init="correct_experts", lr_img=10.0,
                 lr_lr=1e-4, lr_y=1.0, threshold=_DATM_THRESHOLD, checkpoint_every=2, seed=3)
     base.update(kw)
-    return DATMConfig(**base)
+    return DATMConfig.from_dict(base)
 
 
 def _datm_worker(rank, world, port, out_dir):
@@ -204,10 +205,10 @@ def _datm_worker(rank, world, port, out_dir):
     from ddfast.distill.experts import train_experts
 
     train = _datm_train()
-    recipe = _datm_cfg().expert_recipe()
-    mem = train_experts(recipe, train.images, train.labels, 3)
-    disk = train_experts(recipe, train.images, train.labels, 3, directory=os.path.join(out_dir, "experts"),
-                         key={"test": 1})
+    cfg = _datm_cfg()
+    mem = train_experts(cfg.expert, train.images, train.labels, 3, dsa_strategy=cfg.dsa_strategy)
+    disk = train_experts(cfg.expert, train.images, train.labels, 3, dsa_strategy=cfg.dsa_strategy,
+                         directory=os.path.join(out_dir, "experts"), key={"test": 1})
     res = {"experts_mem": torch.stack([mem.trajectory(k) for k in range(3)]),
            "experts_disk": torch.stack([disk.trajectory(k) for k in range(3)])}
 
@@ -324,7 +325,8 @@ def test_sharded_expert_buffer_equals_single_process(datm_two_ranks, datm_refere
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        single = train_experts(_datm_cfg().expert_recipe(), train.images, train.labels, 3)
+        cfg = _datm_cfg()
+        single = train_experts(cfg.expert, train.images, train.labels, 3, dsa_strategy=cfg.dsa_strategy)
     finally:
         torch.set_num_threads(old)
     want = torch.stack([single.trajectory(k) for k in range(3)])

@@ -1,0 +1,7 @@
+"""Fixtures of the ``run/`` tests: one intra-op thread for every module (``tests/conftest.py``)."""
+import pytest
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread_per_module(one_thread):
+    yield
