@@ -66,6 +66,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -89,6 +90,7 @@ from ports.rcig import RCIGPort  # noqa: E402
 import torch  # noqa: E402
 
 METHODS = ("datm-unroll", "datm-tesla", "dance", "rcig")
+WIDTH: Optional[int] = None  # --width: the ConvNet width (None: each quick preset's own)
 C, IPC, HW = 10, 10, 28
 MEAN, STD = (0.286,), (0.353,)
 
@@ -111,9 +113,12 @@ def datm_config(mode: str):
     # the quick preset (width 32, syn_steps 20, batch_syn 100 = all images, lr_img 100, lr_lr 1e-5, lr_y 2, ZCA,
     # DSA); a one-expert, 3-epoch buffer and start epoch 0 (the cost of an iteration does not depend on them);
     # threshold 1e9 so that every iteration steps the optimisers in both implementations
-    return preset_config("quick", "fashion-mnist", IPC, grad_mode=mode,
-                         expert={"num_experts": 1, "epochs": 3, "subset_per_class": 40}, sequential_generation=False, min_start_epoch=0, max_start_epoch=1,
-                         threshold=1e9, pix_init="real", label_init="first_expert", iterations=10 ** 6)
+    expert = {"num_experts": 1, "epochs": 3, "subset_per_class": 40}
+    if WIDTH:
+        expert["net"] = {"width": WIDTH}
+    return preset_config("quick", "fashion-mnist", IPC, grad_mode=mode, expert=expert, sequential_generation=False,
+                         min_start_epoch=0, max_start_epoch=1, threshold=1e9, pix_init="real",
+                         label_init="first_expert", iterations=10 ** 6)
 
 
 def datm_build(mode: str, threads: int):
@@ -163,7 +168,8 @@ def dance_config(batched: bool = False):
 
     # the quick preset (width 32, batch_real 64, factor 2 -> 40 decoded images per class, lr_img 0.5,
     # num_premodel 3, iter_calib 1); pool of randomly initialised models (no pretraining needed for timing)
-    return preset_config("quick", "fashion-mnist", IPC, batched_classes=batched)
+    extra = {"pool.net.width": WIDTH} if WIDTH else {}
+    return preset_config("quick", "fashion-mnist", IPC, batched_classes=batched, **extra)
 
 
 def _dance_train(n_per=100):
@@ -238,7 +244,8 @@ def rcig_config():
     # the quick preset: widths 16/32/64, softplus beta 60, support n = 100 (no flips for grey images), real
     # batch 256, 8 inner Adam steps (auto-tuned lr), 8 H^-1 steps (ddfast: CG; reference: Adam), AdaBelief, EMA,
     # pool of 10 models with randint(1, 16) Adam steps per iteration
-    return preset_config("quick", "fashion-mnist", IPC, iterations=10 ** 6)
+    extra = {"base_width": WIDTH} if WIDTH else {}
+    return preset_config("quick", "fashion-mnist", IPC, iterations=10 ** 6, **extra)
 
 
 def _rcig_train(n_per=300):
@@ -292,18 +299,42 @@ def rcig_check(d, port) -> Dict[str, float]:
 # ==============================================================================================================
 # set-up, timing, memory, profile
 # ==============================================================================================================
-def build(method: str, threads: int, tmpdir: str):
-    """Returns ``(providers {name: fn}, check dict)``; every fn runs one iteration."""
+@contextlib.contextmanager
+def plain_modules():
+    """Models built inside use the plain GroupNorm -> ReLU -> AvgPool2d modules (``DDFAST_FUSED=0``)."""
+    old = os.environ.get("DDFAST_FUSED")
+    os.environ["DDFAST_FUSED"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["DDFAST_FUSED"]
+        else:
+            os.environ["DDFAST_FUSED"] = old
+
+
+def build(method: str, threads: int, tmpdir: str, plain: bool = True):
+    """Returns ``(providers {name: fn}, check dict)``; every fn runs one iteration. ``ddfast`` uses the fused
+    ConvNet block (the default), ``ddfast-plain`` the same distiller on the plain modules."""
     if method.startswith("datm"):
         mode = method.split("-")[1]
         d, port = datm_build(mode, threads)
         chk = datm_check(d, port)
-        return {"ddfast": d.step, "reference": port.iteration}, chk
+        provs = {"ddfast": d.step, "reference": port.iteration}
+        if plain:
+            with plain_modules():
+                dp, _ = datm_build(mode, threads)
+            provs["ddfast-plain"] = dp.step
+        return provs, chk
     if method == "dance":
         d, port = dance_build(False, threads, tmpdir)
         chk = dance_check(d, port)
-        db, _ = dance_build(True, threads, tmpdir)
-        return {"ddfast": d.step, "ddfast-batched": db.step, "reference": port.iteration}, chk
+        provs = {"ddfast": d.step, "reference": port.iteration}
+        if plain:
+            with plain_modules():
+                dp, _ = dance_build(False, threads, tmpdir)
+            provs["ddfast-plain"] = dp.step
+        return provs, chk
     if method == "rcig":
         d, port = rcig_build(threads)
         chk = rcig_check(d, port)
@@ -340,7 +371,7 @@ def time_alternating(provs: Dict[str, Callable], iters: int, reverse: bool = Fal
 def mem_child(method: str, provider: str, iters: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
-        provs, _ = build(method, threads, tmp)
+        provs, _ = build(method, threads, tmp, plain=provider == "ddfast-plain")
         fn = provs[provider]  # (RCIG's reference, run alone, draws its own pool-step count)
         fn()  # warm-up
         ok = _reset_hwm()
@@ -391,10 +422,14 @@ def main(argv=None):
     ap.add_argument("--json", default=None)
     ap.add_argument("--no-csv", action="store_true")
     ap.add_argument("--reverse", action="store_true", help="run the reference first in each round")
+    ap.add_argument("--width", type=int, default=None, help="ConvNet width (default: each quick preset's)")
+    ap.add_argument("--no-plain", action="store_true", help="skip the ddfast-plain provider (plain modules)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--provider", default="ddfast", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    global WIDTH
+    WIDTH = args.width
     if args.child:
         print("RESULT " + json.dumps(mem_child(args.child, args.provider, args.mem_iters, args.threads)), flush=True)
         return None
@@ -408,7 +443,7 @@ def main(argv=None):
         load0 = [round(v, 2) for v in os.getloadavg()]
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
-            provs, chk = build(method, args.threads, tmp)
+            provs, chk = build(method, args.threads, tmp, plain=not args.no_plain)
             print(f"[{method}] check: {json.dumps(chk)}", flush=True)
             times = time_alternating(provs, args.iters, reverse=args.reverse)
             prof = {}
@@ -421,6 +456,8 @@ def main(argv=None):
             for name in provs:
                 cmd = [sys.executable, os.path.abspath(__file__), "--child", method, "--provider", name,
                        "--threads", str(args.threads), "--mem-iters", str(args.mem_iters)]
+                if args.width:
+                    cmd += ["--width", str(args.width)]
                 out = subprocess.run(cmd, capture_output=True, text=True, env=_child_env())
                 line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
                 if out.returncode != 0 or not line:
@@ -441,6 +478,7 @@ def main(argv=None):
         results["methods"][method] = entry
         for prov, (m, p20, p80) in med.items():
             cfg = {"method": method, "preset": "quick fashion-mnist ipc=10 (random pixels)", "threads": args.threads,
+                   "width": args.width or "preset",
                    "loadavg_before": load0, "loadavg_after": load1, "iterations_timed": len(times[prov]),
                    "alternating": "reference first" if args.reverse else "ddfast first", "check": chk,
                    "memory_method": mem.get(prov, {}).get("method", ""),

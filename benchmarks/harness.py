@@ -7,8 +7,9 @@ times every provider on them (after checking the provider's result against the r
 - ``eager``   -- the pure-PyTorch reference from ``ddfast.ops._reference`` (the tests' oracle),
 - ``compile`` -- ``torch.compile`` of that reference.
 
-Modes: ``fwd`` and ``fwd+bwd`` (``fwd+bwd`` sums the outputs' float parts against a fixed random
-cotangent and calls backward). Timing: median and the 20th/80th percentiles of many repeats after
+Modes: ``fwd``, ``fwd+bwd`` (``fwd+bwd`` sums the outputs' float parts against a fixed random
+cotangent and calls backward) and ``fwd+bwd+bwd2`` (the gradients are taken with ``create_graph=True`` and a
+random linear function of them is back-propagated again: the double backward of an unrolled inner step). Timing: median and the 20th/80th percentiles of many repeats after
 warm-up; ``time.perf_counter`` on CPU, CUDA events on a GPU, input buffers rotated so a GPU run never
 reads a warm L2. On a GPU the achieved bandwidth (``bytes_moved`` / median time) is also given as a
 share of the measured device-to-device copy bandwidth.
@@ -50,7 +51,7 @@ class BenchCase:
             Float inputs that need gradients in ``fwd+bwd`` must be returned with ``requires_grad=True``.
         providers: ``{"ddfast": fn, "eager": fn, ...}``, each called as ``fn(*inputs)``.
         bytes_moved: bytes the op must read and write (per mode), for the bandwidth column.
-        modes: which of ``("fwd", "fwd+bwd")`` apply.
+        modes: which of ``("fwd", "fwd+bwd", "fwd+bwd+bwd2")`` apply.
         dtypes: dtypes to run.
         config: free-form dict stored as JSON in the CSV.
         rtol/atol: tolerance of the pre-timing check against the ``eager`` provider.
@@ -209,6 +210,22 @@ def run_case(case: BenchCase, device: torch.device, *, providers: Optional[Seque
                     def call(fn=fn, sets=sets, it=it):
                         with torch.no_grad():
                             return fn(*sets[next(it) % len(sets)])
+                elif mode == "fwd+bwd+bwd2":
+                    cots, cots2 = [], []
+                    for s in sets:
+                        outs = _float_outputs(fn(*s))
+                        g = torch.Generator(device=device).manual_seed(seed + 99)
+                        cots.append([torch.randn(o.shape, device=device, dtype=o.dtype, generator=g) for o in outs])
+                        cots2.append([torch.randn(t.shape, device=device, dtype=t.dtype, generator=g)
+                                      for t in _leaves(s)])
+
+                    def call(fn=fn, sets=sets, cots=cots, cots2=cots2, it=it):
+                        k = next(it) % len(sets)
+                        leaves = _leaves(sets[k])
+                        grads = torch.autograd.grad(_float_outputs(fn(*sets[k])), leaves, cots[k], create_graph=True)
+                        torch.autograd.backward(grads, cots2[k])
+                        for t in leaves:
+                            t.grad = None
                 else:
                     cots = []
                     for s in sets:
@@ -284,7 +301,10 @@ def main_for(cases: Sequence[BenchCase], argv=None):
     ap.add_argument("--filter", default=None, help="substring of 'benchmark case' to run")
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--no-csv", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     providers = args.providers.split(",") if args.providers else None
     all_rows = []

@@ -71,4 +71,15 @@ TORCH_LIBRARY(ddfast, m) {
   m.def("classwise_gmm(Tensor values, Tensor labels, int num_classes, int num_iters, float tol, float reg_covar, Tensor init_weights, Tensor init_means, Tensor init_variances) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // features [N,D], anchors [C,D], precision [D,D] or None (Euclidean) -> (mahalanobis_sq [N,C], cosine [N,C])
   m.def("anchor_distances(Tensor features, Tensor anchors, Tensor? precision, float eps) -> (Tensor, Tensor)");
+
+  // ---- 4. the ConvNet block: instance norm (affine) + activation + 2x2 average pooling --------------------
+  // x [N, C, H, W] f32/f64 (any layout; read as NCHW), weight / bias [C] or both None (no normalisation),
+  // act 0 = ReLU, 1 = softplus(beta, threshold 20), pool = 2x2 average pooling with stride 2 (floor), eps of the norm
+  //   -> (out [N, C, H/2, W/2] (or [N, C, H, W] without pooling), mean [N, C], rstd [N, C]; [0, 0] without norm)
+  m.def("norm_act_pool_forward(Tensor x, Tensor? weight, Tensor? bias, int act, float beta, bool pool, float eps) -> (Tensor, Tensor, Tensor)");
+  // -> (d_x, d_weight, d_bias); masked-off (or, without norm, weight / bias) gradients are empty [0] tensors
+  m.def("norm_act_pool_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd, int act, float beta, bool pool, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // The backward as a function of (grad_out, x, weight, bias), differentiated: grad_grad_* are the upstream gradients
+  // of (d_x, d_weight, d_bias) (None = zero) -> (d_grad_out, d_x, d_weight, d_bias), masked-off ones empty [0]
+  m.def("norm_act_pool_double_backward(Tensor? grad_grad_x, Tensor? grad_grad_weight, Tensor? grad_grad_bias, Tensor grad_out, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd, int act, float beta, bool pool, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
 }

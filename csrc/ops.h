@@ -162,3 +162,83 @@ inline void check_anchor_distances_args(const at::Tensor& features, const at::Te
 
 }  // namespace trust
 }  // namespace ddfast
+
+// ---- the ConvNet block: instance norm + activation + 2x2 average pooling -----------------------------------------
+// Argument checks shared by the CPU and CUDA kernels of norm_act_pool (csrc/{cpu,cuda}/norm_act_pool_kernel.*).
+#include "norm_act_pool_math.h"
+
+namespace ddfast {
+namespace nap_check {
+
+struct Sizes {
+  int64_t N, C;
+  nap::Geom g;
+  bool norm;
+};
+
+inline bool given(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+inline Sizes forward_args(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                          const c10::optional<at::Tensor>& bias, int64_t act, double beta, bool pool, double eps) {
+  const char* op = "norm_act_pool";
+  check_dim(op, "x", x, 4);
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+                   ": x must be float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(given(weight) == given(bias), op, ": weight and bias must both be given (instance norm) or both "
+                    "be None (no normalisation)");
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const bool norm = given(weight);
+  if (norm) {
+    check_dim(op, "weight", *weight, 1);
+    check_dim(op, "bias", *bias, 1);
+    check_same_device_dtype(op, "x", x, "weight", *weight);
+    check_same_device_dtype(op, "x", x, "bias", *bias);
+    TORCH_CHECK_VALUE(weight->size(0) == C && bias->size(0) == C, op, ": weight and bias must have shape [", C,
+                      "] (the channels of x), got ", weight->sizes(), " and ", bias->sizes());
+    TORCH_CHECK_VALUE(eps > 0, op, ": eps must be > 0, got ", eps);
+  }
+  TORCH_CHECK_VALUE(act == nap::kReLU || act == nap::kSoftplus, op, ": act must be 0 (ReLU) or 1 (softplus), got ", act);
+  TORCH_CHECK_VALUE(act != nap::kSoftplus || beta > 0, op, ": softplus beta must be > 0, got ", beta);
+  TORCH_CHECK_VALUE(!pool || (H >= 2 && W >= 2), op, ": 2x2 pooling needs an image of at least 2x2, got ", H, "x", W);
+  return {N, C, {H, W, pool ? H / 2 : H, pool ? W / 2 : W}, norm};
+}
+
+inline Sizes backward_args(const at::Tensor& grad_out, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                           const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& rstd,
+                           int64_t act, double beta, bool pool) {
+  const char* op = "norm_act_pool_backward";
+  const Sizes s = forward_args(x, weight, bias, act, beta, pool, 1.0);
+  check_same_device_dtype(op, "x", x, "grad_out", grad_out);
+  TORCH_CHECK_VALUE(grad_out.dim() == 4 && grad_out.size(0) == s.N && grad_out.size(1) == s.C &&
+                        grad_out.size(2) == s.g.Ho && grad_out.size(3) == s.g.Wo,
+                    op, ": grad_out must have shape [", s.N, ", ", s.C, ", ", s.g.Ho, ", ", s.g.Wo, "], got ",
+                    grad_out.sizes());
+  if (s.norm) {
+    check_same_device_dtype(op, "x", x, "mean", mean);
+    check_same_device_dtype(op, "x", x, "rstd", rstd);
+    TORCH_CHECK_VALUE(mean.dim() == 2 && mean.size(0) == s.N && mean.size(1) == s.C && rstd.sizes() == mean.sizes(),
+                      op, ": mean and rstd must have shape [", s.N, ", ", s.C, "], got ", mean.sizes(), " and ",
+                      rstd.sizes());
+  }
+  return s;
+}
+
+inline void double_backward_args(const c10::optional<at::Tensor>& ggx, const c10::optional<at::Tensor>& ggw,
+                                 const c10::optional<at::Tensor>& ggb, const at::Tensor& x, const Sizes& s) {
+  const char* op = "norm_act_pool_double_backward";
+  if (given(ggx)) {
+    check_same_device_dtype(op, "x", x, "grad_grad_x", *ggx);
+    TORCH_CHECK_VALUE(ggx->sizes() == x.sizes(), op, ": grad_grad_x must have x's shape ", x.sizes(), ", got ",
+                      ggx->sizes());
+  }
+  for (const auto* t : {&ggw, &ggb}) {
+    if (!given(*t)) continue;
+    TORCH_CHECK_VALUE(s.norm, op, ": gradients of weight / bias given for a block without normalisation");
+    check_same_device_dtype(op, "x", x, "grad_grad_weight/bias", **t);
+    TORCH_CHECK_VALUE((*t)->dim() == 1 && (*t)->size(0) == s.C, op, ": grad_grad_weight / bias must have shape [",
+                      s.C, "], got ", (*t)->sizes());
+  }
+}
+
+}  // namespace nap_check
+}  // namespace ddfast

@@ -47,6 +47,7 @@ batch statistics, in ``eval()`` mode all K runs read the module's (shared) runni
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -55,9 +56,13 @@ import torch.nn as nn
 from torchvision.models.resnet import BasicBlock, ResNet as _TVResNet
 
 from .config import Config, option
+from .ops.convnet import norm_act_pool
 
 __all__ = [
     "ConvNet",
+    "InstanceNormActPool",
+    "ActPool",
+    "fused_default",
     "ConvNetD4",
     "ResNet18",
     "convnet_datm",
@@ -106,6 +111,58 @@ def _head(emb: torch.Tensor, classifier: nn.Module, output: str):
     return logits
 
 
+def fused_default() -> bool:
+    """Whether ConvNets use the fused block (:class:`InstanceNormActPool`, :class:`ActPool`) by default: True
+    unless the environment sets ``DDFAST_FUSED=0`` (the plain ``GroupNorm -> ReLU -> AvgPool2d`` modules)."""
+    return os.environ.get("DDFAST_FUSED", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+class InstanceNormActPool(nn.Module):
+    """Instance norm with affine parameters (as ``GroupNorm(C, C)``), then ReLU or softplus, then 2x2 average pooling
+    (or none), computed by the fused :func:`ddfast.ops.norm_act_pool`.
+
+    It holds the norm's parameters under ``GroupNorm``'s names (``weight`` = 1 and ``bias`` = 0 at
+    initialisation, shape ``[C]``) and its ``eps``, so state dicts and flat parameter vectors are those of the plain
+    modules; in a :class:`ConvNet` the activation and pooling slots after it hold ``nn.Identity`` (the layout of
+    the plain block is kept).
+
+    Args:
+        channels: C. act: ``"relu"`` or ``"softplus"``; softplus_beta: its sharpness. pool: 2x2 average pooling.
+        eps: added to the variance (GroupNorm's default).
+    """
+
+    def __init__(self, channels: int, act: str = "relu", softplus_beta: float = 60.0, pool: bool = True,
+                 eps: float = 1e-5):
+        super().__init__()
+        self.num_channels, self.eps = int(channels), float(eps)
+        self.act, self.softplus_beta, self.pool = act, float(softplus_beta), bool(pool)
+        self.weight = nn.Parameter(torch.ones(self.num_channels))
+        self.bias = nn.Parameter(torch.zeros(self.num_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return norm_act_pool(x, self.weight, self.bias, act=self.act, softplus_beta=self.softplus_beta,
+                             pool=self.pool, eps=self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}, eps={self.eps}, act={self.act!r}, pool={self.pool}"
+
+
+class ActPool(nn.Module):
+    """ReLU or softplus followed by 2x2 average pooling, fused (:func:`ddfast.ops.norm_act_pool` without
+    normalisation): the block of RCIG's ConvNet. In a :class:`ConvNet` it sits in the activation slot and the
+    pooling slot holds ``nn.Identity``."""
+
+    def __init__(self, act: str = "relu", softplus_beta: float = 60.0):
+        super().__init__()
+        self.act, self.softplus_beta = act, float(softplus_beta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return norm_act_pool(x, None, None, act=self.act, softplus_beta=self.softplus_beta, pool=True)
+
+    def extra_repr(self) -> str:
+        return f"act={self.act!r}, softplus_beta={self.softplus_beta}"
+
+
 class ConvNet(nn.Module):
     """ConvNet-D: ``depth`` x [Conv3x3 -> norm -> act -> pool 2x2] -> flatten -> Linear.
 
@@ -125,6 +182,10 @@ class ConvNet(nn.Module):
             (``depth = len(widths)``).
         first_padding: padding of the first conv; default ``3`` for 1-channel 28x28 input (MTT's trick:
             28x28 is treated as 32x32), else ``1``.
+        fused: compute instance norm + activation + average pooling (and activation + average pooling without
+            normalisation) with the fused :func:`ddfast.ops.norm_act_pool` (:class:`InstanceNormActPool`,
+            :class:`ActPool`); default :func:`fused_default` (True). The parameters, their names and the flat
+            layout are those of the plain modules, so both give the same function up to float rounding.
 
     Attributes:
         features: ``nn.Sequential`` of the conv blocks.
@@ -150,6 +211,7 @@ class ConvNet(nn.Module):
         im_size: Union[int, Sequence[int]] = (32, 32),
         widths: Optional[Sequence[int]] = None,
         first_padding: Optional[int] = None,
+        fused: Optional[bool] = None,
     ):
         super().__init__()
         if int(in_channels) <= 0:
@@ -191,21 +253,15 @@ class ConvNet(nn.Module):
         self.im_size = (h, w)
         self.first_padding = int(first_padding)
 
+        self.fused = fused_default() if fused is None else bool(fused)
         layers: List[nn.Module] = []
         c_in = self.in_channels
         for i, c in enumerate(widths):
             pad = self.first_padding if i == 0 else 1
             layers.append(nn.Conv2d(c_in, c, kernel_size=3, padding=pad))
             h, w = h + 2 * pad - 2, w + 2 * pad - 2
-            if norm == "instance":
-                layers.append(nn.GroupNorm(c, c, affine=True))
-            elif norm == "batch":
-                layers.append(nn.BatchNorm2d(c))
-            elif norm == "layer":
-                layers.append(nn.GroupNorm(1, c, affine=True))
-            layers.append(nn.ReLU() if act == "relu" else nn.Softplus(beta=self.softplus_beta))
+            layers += self._block(c)
             if pool != "none":
-                layers.append(nn.AvgPool2d(2, 2) if pool == "avg" else nn.MaxPool2d(2, 2))
                 h, w = h // 2, w // 2
             if h <= 0 or w <= 0:
                 raise ValueError(
@@ -217,6 +273,20 @@ class ConvNet(nn.Module):
         self.feature_shape = (c_in, h, w)
         self.feature_dim = c_in * h * w
         self.classifier = nn.Linear(self.feature_dim, self.num_classes)
+
+    def _block(self, c: int) -> List[nn.Module]:
+        """The modules after a convolution of ``c`` channels: ``[norm] act [pool]`` (the fused modules keep the
+        slots, with ``nn.Identity`` where the fused module already did the work)."""
+        act = nn.ReLU() if self.act == "relu" else nn.Softplus(beta=self.softplus_beta)
+        pool = [] if self.pool == "none" else [nn.AvgPool2d(2, 2) if self.pool == "avg" else nn.MaxPool2d(2, 2)]
+        if self.fused and self.norm == "instance" and self.pool in ("avg", "none"):
+            return [InstanceNormActPool(c, self.act, self.softplus_beta, pool=self.pool == "avg"), nn.Identity()] + \
+                [nn.Identity() for _ in pool]
+        if self.fused and self.norm == "none" and self.pool == "avg":
+            return [ActPool(self.act, self.softplus_beta), nn.Identity()]
+        norm = {"instance": [nn.GroupNorm(c, c, affine=True)], "batch": [nn.BatchNorm2d(c)],
+                "layer": [nn.GroupNorm(1, c, affine=True)], "none": []}[self.norm]
+        return norm + [act] + pool
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate features: ``float [N, C, H, W] -> [N, feature_dim]`` (flattened last feature map)."""
@@ -230,7 +300,7 @@ class ConvNet(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"widths={self.widths}, norm={self.norm!r}, act={self.act!r}, pool={self.pool!r}, "
-                f"im_size={self.im_size}, feature_dim={self.feature_dim}")
+                f"im_size={self.im_size}, feature_dim={self.feature_dim}, fused={self.fused}")
 
 
 class ConvNetD4(ConvNet):
@@ -241,9 +311,11 @@ class ConvNetD4(ConvNet):
 
     def __init__(self, in_channels: int, num_classes: int, width: int = 128, norm: str = "instance",
                  act: str = "relu", softplus_beta: float = 60.0, pool: str = "avg",
-                 im_size: Union[int, Sequence[int]] = (64, 64), first_padding: Optional[int] = None):
+                 im_size: Union[int, Sequence[int]] = (64, 64), first_padding: Optional[int] = None,
+                 fused: Optional[bool] = None):
         super().__init__(in_channels, num_classes, width=width, depth=4, norm=norm, act=act,
-                         softplus_beta=softplus_beta, pool=pool, im_size=im_size, first_padding=first_padding)
+                         softplus_beta=softplus_beta, pool=pool, im_size=im_size, first_padding=first_padding,
+                         fused=fused)
 
 
 def convnet_datm(in_channels: int, num_classes: int, im_size=(32, 32), width: int = 128, depth: int = 3,

@@ -322,13 +322,18 @@ def _convnet_tangent_ok(model: nn.Module) -> List[str]:
 def _parse_convnet(model: nn.Module):
     """The body of a :class:`ddfast.models.ConvNet` as ``[("conv", prefix, module) | ("relu",) |
     ("softplus", beta, threshold) | ("avgpool", module)]``, or ``None`` when unsupported."""
-    from ..models import ConvNet
+    from ..models import ActPool, ConvNet
 
     if not isinstance(model, ConvNet) or not isinstance(getattr(model, "features", None), nn.Sequential):
         return None
     ops = []
     for name, mod in model.features.named_children():
-        if isinstance(mod, nn.Conv2d):
+        if isinstance(mod, nn.Identity):  # a slot a fused module before it already computed
+            continue
+        if isinstance(mod, ActPool):  # fused activation + 2x2 average pooling: the same maths, unfused
+            ops.append(("relu",) if mod.act == "relu" else ("softplus", mod.softplus_beta, 20.0))
+            ops.append(("avgpool", nn.AvgPool2d(2, 2)))
+        elif isinstance(mod, nn.Conv2d):
             if mod.padding_mode != "zeros" or isinstance(mod.padding, str):
                 return None
             ops.append(("conv", f"features.{name}", mod))

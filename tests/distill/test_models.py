@@ -40,7 +40,7 @@ def test_mtt_one_channel_28px_is_treated_as_32px():
 
 
 def test_instance_norm_is_groupnorm_c_c_with_affine():
-    m = M.get_model("convnet", 3, 10, 32)
+    m = M.get_model("convnet", 3, 10, 32, fused=False)
     gns = [x for x in m.modules() if isinstance(x, nn.GroupNorm)]
     assert len(gns) == 3
     assert all(g.num_groups == g.num_channels == 128 and g.affine for g in gns)
@@ -49,6 +49,10 @@ def test_instance_norm_is_groupnorm_c_c_with_affine():
     g = gns[0]
     ref = nn.functional.instance_norm(x, weight=g.weight, bias=g.bias, eps=g.eps)
     torch.testing.assert_close(g(x), ref, rtol=1e-5, atol=1e-5)
+    # the fused block: the same instance norm, then ReLU and 2x2 average pooling
+    f = [x for x in M.get_model("convnet", 3, 10, 32).modules() if isinstance(x, M.InstanceNormActPool)][0]
+    assert f.num_channels == 128 and f.eps == g.eps
+    torch.testing.assert_close(f(x), nn.functional.avg_pool2d(torch.relu(ref), 2), rtol=1e-5, atol=1e-5)
 
 
 def test_convnetd4_resnet18_shapes_and_outputs():
@@ -210,3 +214,31 @@ def test_features_helper():
     m = M.get_model("convnet", 3, 10, 32, width=8)
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(M.features(m, x), m.embed(x))
+
+
+@pytest.mark.parametrize("kw", [{"norm": "instance", "act": "relu"}, {"norm": "instance", "act": "softplus"},
+                                {"norm": "none", "act": "softplus", "softplus_beta": 5.0},
+                                {"norm": "instance", "pool": "none", "depth": 2}])
+def test_fused_convnet_equals_the_plain_modules(kw):
+    """The fused block (InstanceNormActPool / ActPool) keeps the plain ConvNet's parameters, names and flat layout,
+    and computes the same function and gradients (float64, exact maths: only rounding differs)."""
+    args = dict(width=4, depth=3, im_size=(16, 16), seed=0)
+    args.update(kw)
+    fused = M.get_model("convnet", 2, 5, fused=True, **{k: v for k, v in args.items() if k != "im_size"},
+                        im_size=args["im_size"]).double()
+    plain = M.get_model("convnet", 2, 5, fused=False, **{k: v for k, v in args.items() if k != "im_size"},
+                        im_size=args["im_size"]).double()
+    assert fused.fused and not plain.fused
+    assert list(fused.state_dict()) == list(plain.state_dict())
+    assert torch.equal(M.flat_params(fused), M.flat_params(plain))
+    assert any(isinstance(m, (M.InstanceNormActPool, M.ActPool)) for m in fused.modules())
+    x = torch.randn(3, 2, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    outs = []
+    for m in (fused, plain):
+        flat = M.flat_params(m).detach().clone().requires_grad_(True)
+        y = M.functional_forward(m, flat, x)
+        g = torch.autograd.grad(y.square().sum(), [flat, x], create_graph=True)
+        gg = torch.autograd.grad(g[0].square().sum() + g[1].square().sum(), [flat, x])
+        outs.append([y, *g, *gg])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
