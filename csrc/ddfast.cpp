@@ -82,4 +82,12 @@ TORCH_LIBRARY(ddfast, m) {
   // The backward as a function of (grad_out, x, weight, bias), differentiated: grad_grad_* are the upstream gradients
   // of (d_x, d_weight, d_bias) (None = zero) -> (d_grad_out, d_x, d_weight, d_bias), masked-off ones empty [0]
   m.def("norm_act_pool_double_backward(Tensor? grad_grad_x, Tensor? grad_grad_weight, Tensor? grad_grad_bias, Tensor grad_out, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd, int act, float beta, bool pool, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // ---- 5. the first ConvNet layer: 3x3 convolution, 1-4 input channels, stride 1, zero padding (CPU only) -------
+  // x [N, C_in, H, W], weight [C_out, C_in, 3, 3], bias [C_out] or None (f32/f64) -> y [N, C_out, H+2p-2, W+2p-2]
+  m.def("conv3x3_forward(Tensor x, Tensor weight, Tensor? bias, int padding) -> Tensor");
+  // grad_out [N, C_out, Ho, Wo], weight -> d_x [N, C_in, height, width]
+  m.def("conv3x3_input_grad(Tensor grad_out, Tensor weight, int padding, int height, int width) -> Tensor");
+  // grad_out [N, C_out, Ho, Wo], x [N, C_in, H, W] -> d_weight [C_out, C_in, 3, 3]
+  m.def("conv3x3_weight_grad(Tensor grad_out, Tensor x, int padding) -> Tensor");
 }

@@ -241,4 +241,69 @@ inline void double_backward_args(const c10::optional<at::Tensor>& ggx, const c10
 }
 
 }  // namespace nap_check
+// ---- the small-input-channel 3x3 convolution (csrc/cpu/conv3x3_kernel.cpp) ----
+namespace conv3x3_check {
+
+constexpr int64_t kMaxInChannels = 4;
+
+struct Sizes {
+  int64_t N, C, O, H, W, Ho, Wo;
+};
+
+inline void common(const char* op, const at::Tensor& a, const char* an, const at::Tensor& b, const char* bn,
+                   int64_t padding) {
+  check_dim(op, an, a, 4);
+  check_dim(op, bn, b, 4);
+  check_same_device_dtype(op, an, a, bn, b);
+  TORCH_CHECK_TYPE(a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble, op, ": ", an,
+                   " must be float32 or float64, got ", a.scalar_type());
+  TORCH_CHECK_VALUE(padding >= 0 && padding <= 8, op, ": padding must be in [0, 8], got ", padding);
+}
+
+inline void check_weight(const char* op, const at::Tensor& w) {
+  TORCH_CHECK_VALUE(w.size(2) == 3 && w.size(3) == 3, op, ": weight must be [C_out, C_in, 3, 3], got ", w.sizes());
+  TORCH_CHECK_VALUE(w.size(1) >= 1 && w.size(1) <= kMaxInChannels, op, ": at most ", kMaxInChannels,
+                    " input channels, got ", w.size(1));
+}
+
+inline Sizes forward_args(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                          int64_t padding) {
+  const char* op = "conv3x3_forward";
+  common(op, x, "x", w, "weight", padding);
+  check_weight(op, w);
+  TORCH_CHECK_VALUE(x.size(1) == w.size(1), op, ": x has ", x.size(1), " channels but weight expects ", w.size(1));
+  const int64_t Ho = x.size(2) + 2 * padding - 2, Wo = x.size(3) + 2 * padding - 2;
+  TORCH_CHECK_VALUE(Ho >= 1 && Wo >= 1, op, ": the output would be empty (", Ho, "x", Wo, ")");
+  if (bias.has_value() && bias->defined()) {
+    check_same_device_dtype(op, "x", x, "bias", *bias);
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == w.size(0), op, ": bias must be [", w.size(0), "], got ",
+                      bias->sizes());
+  }
+  return {x.size(0), x.size(1), w.size(0), x.size(2), x.size(3), Ho, Wo};
+}
+
+inline Sizes input_grad_args(const at::Tensor& g, const at::Tensor& w, int64_t padding, int64_t H, int64_t W) {
+  const char* op = "conv3x3_input_grad";
+  common(op, g, "grad_out", w, "weight", padding);
+  check_weight(op, w);
+  TORCH_CHECK_VALUE(g.size(1) == w.size(0), op, ": grad_out has ", g.size(1), " channels but weight has ", w.size(0),
+                    " outputs");
+  TORCH_CHECK_VALUE(H >= 1 && W >= 1 && g.size(2) == H + 2 * padding - 2 && g.size(3) == W + 2 * padding - 2, op,
+                    ": grad_out ", g.sizes(), " is not the output of a ", H, "x", W, " input with padding ", padding);
+  return {g.size(0), w.size(1), w.size(0), H, W, g.size(2), g.size(3)};
+}
+
+inline Sizes weight_grad_args(const at::Tensor& g, const at::Tensor& x, int64_t padding) {
+  const char* op = "conv3x3_weight_grad";
+  common(op, g, "grad_out", x, "x", padding);
+  TORCH_CHECK_VALUE(x.size(1) >= 1 && x.size(1) <= kMaxInChannels, op, ": at most ", kMaxInChannels,
+                    " input channels, got ", x.size(1));
+  TORCH_CHECK_VALUE(g.size(0) == x.size(0) && g.size(2) == x.size(2) + 2 * padding - 2 &&
+                        g.size(3) == x.size(3) + 2 * padding - 2,
+                    op, ": grad_out ", g.sizes(), " is not the output of x ", x.sizes(), " with padding ", padding);
+  return {x.size(0), x.size(1), g.size(1), x.size(2), x.size(3), g.size(2), g.size(3)};
+}
+
+}  // namespace conv3x3_check
+
 }  // namespace ddfast

@@ -56,11 +56,13 @@ import torch.nn as nn
 from torchvision.models.resnet import BasicBlock, ResNet as _TVResNet
 
 from .config import Config, option
-from .ops.convnet import norm_act_pool
+from .ops.convnet import avg_pool_2x2, conv2d, norm_act_pool
 
 __all__ = [
     "ConvNet",
     "InstanceNormActPool",
+    "Conv2d",
+    "AvgPool2x2",
     "ActPool",
     "fused_default",
     "ConvNetD4",
@@ -115,6 +117,28 @@ def fused_default() -> bool:
     """Whether ConvNets use the fused block (:class:`InstanceNormActPool`, :class:`ActPool`) by default: True
     unless the environment sets ``DDFAST_FUSED=0`` (the plain ``GroupNorm -> ReLU -> AvgPool2d`` modules)."""
     return os.environ.get("DDFAST_FUSED", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` (same parameters, same function) computed by :func:`ddfast.ops.conv2d`: a backward that is
+    differentiable with convolution kernels (a faster double backward: DATM's unroll, TESLA) and direct CPU kernels
+    for a first layer of 1-4 input channels. Other ``padding_mode`` values fall back to ``nn.Conv2d``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding_mode != "zeros":
+            return super().forward(x)
+        return conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class AvgPool2x2(nn.AvgPool2d):
+    """``nn.AvgPool2d(2, 2)`` computed as strided sums (:func:`ddfast.ops.avg_pool_2x2`: faster than ATen's pooling
+    kernels on a CPU, differentiable to any order)."""
+
+    def __init__(self):
+        super().__init__(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return avg_pool_2x2(x)
 
 
 class InstanceNormActPool(nn.Module):
@@ -184,8 +208,11 @@ class ConvNet(nn.Module):
             28x28 is treated as 32x32), else ``1``.
         fused: compute instance norm + activation + average pooling (and activation + average pooling without
             normalisation) with the fused :func:`ddfast.ops.norm_act_pool` (:class:`InstanceNormActPool`,
-            :class:`ActPool`); default :func:`fused_default` (True). The parameters, their names and the flat
-            layout are those of the plain modules, so both give the same function up to float rounding.
+            :class:`ActPool`), the convolutions with :func:`ddfast.ops.conv2d` (:class:`Conv2d`: a faster double
+            backward, direct kernels for the first layer) and the average pooling with
+            :func:`ddfast.ops.avg_pool_2x2` (:class:`AvgPool2x2`); default :func:`fused_default` (True). The
+            parameters, their names and the flat layout are those of the plain modules, so both give the same
+            function up to float rounding.
 
     Attributes:
         features: ``nn.Sequential`` of the conv blocks.
@@ -258,7 +285,7 @@ class ConvNet(nn.Module):
         c_in = self.in_channels
         for i, c in enumerate(widths):
             pad = self.first_padding if i == 0 else 1
-            layers.append(nn.Conv2d(c_in, c, kernel_size=3, padding=pad))
+            layers.append((Conv2d if self.fused else nn.Conv2d)(c_in, c, kernel_size=3, padding=pad))
             h, w = h + 2 * pad - 2, w + 2 * pad - 2
             layers += self._block(c)
             if pool != "none":
@@ -278,11 +305,13 @@ class ConvNet(nn.Module):
         """The modules after a convolution of ``c`` channels: ``[norm] act [pool]`` (the fused modules keep the
         slots, with ``nn.Identity`` where the fused module already did the work)."""
         act = nn.ReLU() if self.act == "relu" else nn.Softplus(beta=self.softplus_beta)
-        pool = [] if self.pool == "none" else [nn.AvgPool2d(2, 2) if self.pool == "avg" else nn.MaxPool2d(2, 2)]
-        if self.fused and self.norm == "instance" and self.pool in ("avg", "none"):
+        avg = AvgPool2x2() if self.fused else nn.AvgPool2d(2, 2)
+        pool = [] if self.pool == "none" else [avg if self.pool == "avg" else nn.MaxPool2d(2, 2)]
+        fuse = self.fused
+        if fuse and self.norm == "instance" and self.pool in ("avg", "none"):
             return [InstanceNormActPool(c, self.act, self.softplus_beta, pool=self.pool == "avg"), nn.Identity()] + \
                 [nn.Identity() for _ in pool]
-        if self.fused and self.norm == "none" and self.pool == "avg":
+        if fuse and self.norm == "none" and self.pool == "avg":
             return [ActPool(self.act, self.softplus_beta), nn.Identity()]
         norm = {"instance": [nn.GroupNorm(c, c, affine=True)], "batch": [nn.BatchNorm2d(c)],
                 "layer": [nn.GroupNorm(1, c, affine=True)], "none": []}[self.norm]

@@ -33,8 +33,9 @@ class DANCEPort:
     def __init__(self, d, tmpdir: str, seed: int = 1):
         cfg = d.config
         self.cfg = cfg
-        self.mid = _plain_net_from_template(d.pool.template).train()
-        self.expert = _plain_net_from_template(d.pool.template).train()
+        self.dev = d.data.device
+        self.mid = _plain_net_from_template(d.pool.template).train().to(self.dev)
+        self.expert = _plain_net_from_template(d.pool.template).train().to(self.dev)
         for m in (self.mid, self.expert):
             m.requires_grad_(False)
         self.files = []
@@ -50,8 +51,8 @@ class DANCEPort:
         self.opt = torch.optim.SGD([self.data], lr=cfg.lr_img_resolved, momentum=cfg.mom_img)
         real, lab = d._real, d.train.labels
         self.real_by_class = [real[lab == c] for c in range(C)]
-        self.mean = torch.tensor(MEAN).view(1, -1, 1, 1)
-        self.std = torch.tensor(STD).view(1, -1, 1, 1)
+        self.mean = torch.tensor(MEAN, device=self.dev).view(1, -1, 1, 1)
+        self.std = torch.tensor(STD, device=self.dev).view(1, -1, 1, 1)
         self.aug = d.aug
         self.g = torch.Generator().manual_seed(seed)
 
@@ -59,8 +60,8 @@ class DANCEPort:
         return (x - self.mean) / self.std
 
     def load_models(self, k, lam):
-        sd_init = torch.load(self.files[k][0], weights_only=True)
-        sd_final = torch.load(self.files[k][1], weights_only=True)
+        sd_init = torch.load(self.files[k][0], weights_only=True, map_location=self.dev)
+        sd_final = torch.load(self.files[k][1], weights_only=True, map_location=self.dev)
         self.mid.load_state_dict({n: lam * sd_init[n] + (1 - lam) * sd_final[n] for n in sd_init})
         self.expert.load_state_dict(sd_final)
 

@@ -17,7 +17,7 @@ class DATMPort:
         cfg = d.config
         self.mode = mode
         self.cfg = cfg
-        self.net = FlatParamNet(_plain_net_from_template(d._template))
+        self.net = FlatParamNet(_plain_net_from_template(d._template).to(d.image_syn.device))
         self.net.net.train()
         sizes = self.net.numels
         # the replay buffer as the official code stores it: per expert, per epoch, a list of parameter tensors

@@ -22,9 +22,10 @@ class RCIGPort:
         cfg = d.config
         self.cfg = cfg
         widths = [m.out_channels for m in d.model.modules() if isinstance(m, nn.Conv2d)]
-        self.plain = PlainConvNet(widths, norm="none", act="softplus", beta=cfg.softplus_beta)
+        self.dev = d.images.device
+        self.plain = PlainConvNet(widths, norm="none", act="softplus", beta=cfg.softplus_beta).to(self.dev)
         self.plain.requires_grad_(False)
-        self.net = FlatParamNet(PlainConvNet(widths, norm="none", act="softplus", beta=cfg.softplus_beta))
+        self.net = FlatParamNet(PlainConvNet(widths, norm="none", act="softplus", beta=cfg.softplus_beta).to(self.dev))
         self.names = [n for n, _ in self.plain.named_parameters()]
         self.shapes = [p.shape for p in self.plain.parameters()]
         self.sizes = [p.numel() for p in self.plain.parameters()]
@@ -44,8 +45,8 @@ class RCIGPort:
         self.ridge = cfg.l2_rate * self.images.shape[0]
         self.real = d.train.images
         self.real_labels = d.train.labels
-        self.mean = torch.tensor(MEAN).view(1, -1, 1, 1)
-        self.std = torch.tensor(STD).view(1, -1, 1, 1)
+        self.mean = torch.tensor(MEAN, device=self.dev).view(1, -1, 1, 1)
+        self.std = torch.tensor(STD, device=self.dev).view(1, -1, 1, 1)
         self.g = torch.Generator().manual_seed(seed)
 
     # -- the linearised network: jvp of the network at theta0 along psi (primal features, dual logits) --
@@ -71,7 +72,7 @@ class RCIGPort:
         n, c = ys.shape
         K = feat @ feat.T
         R = ys - u
-        alpha = torch.linalg.solve(K + self.ridge * torch.eye(n), R)
+        alpha = torch.linalg.solve(K + self.ridge * torch.eye(n, device=K.device), R)
         fit = R - K @ alpha
         val = 0.5 * (fit ** 2).sum() + 0.5 * self.ridge * ((alpha * (K @ alpha)).sum() + (psi ** 2).sum())
         return val / (n * c)
@@ -81,7 +82,7 @@ class RCIGPort:
         feat_t, u_t = self.lin(params, psi, real_x)
         n = xs.shape[0]
         K = feat_s @ feat_s.T
-        alpha = torch.linalg.solve(K + self.ridge * torch.eye(n), ys - u_s)
+        alpha = torch.linalg.solve(K + self.ridge * torch.eye(n, device=K.device), ys - u_s)
         pred = u_t + (feat_t @ feat_s.T) @ alpha
         ce = F.cross_entropy(pred * tau.exp(), real_y)
         top = ys.topk(2, dim=1).values
@@ -111,7 +112,7 @@ class RCIGPort:
                 val = self.inner_loss(psi, params, xs_d, ys_d)
                 return torch.autograd.grad(val, psi)[0]
 
-        psi = self.adam(inner_grad, torch.zeros(P_psi), self.inner_lr, cfg.n_inner_steps)
+        psi = self.adam(inner_grad, torch.zeros(P_psi, device=self.dev), self.inner_lr, cfg.n_inner_steps)
         # outer loss, g_psi and the direct gradient
         x = images.detach().clone().requires_grad_(True)
         y = labels.detach().clone().requires_grad_(True)
@@ -186,7 +187,7 @@ class RCIGPort:
         self.pool_train(k, n_pool)
         if int(self.pool_it[k]) >= cfg.max_online_steps:
             self.pool[k] = torch.cat([(torch.randn(s, generator=self.g) / math.sqrt(max(1, s[1:].numel()))).reshape(-1)
-                                      if len(s) > 1 else torch.zeros(s).reshape(-1) for s in self.shapes])
+                                      if len(s) > 1 else torch.zeros(s).reshape(-1) for s in self.shapes]).to(self.dev)
             self.pool_m[k].zero_()
             self.pool_v[k].zero_()
             self.pool_t[k] = 0

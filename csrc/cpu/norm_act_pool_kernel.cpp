@@ -28,6 +28,7 @@
 
 #include "norm_act_pool_math.h"
 #include "ops.h"
+#include "cpu/trust_math.h"
 
 #if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__)) && \
     !defined(DDFAST_NO_CPU_CLONES)
@@ -40,6 +41,47 @@ namespace ddfast {
 namespace {
 
 using nap::Geom;
+
+// ---------------------------------------------------------------------------------------------------------------
+// the activation on the CPU: the same functions as nap::act_* (csrc/norm_act_pool_math.h), with softplus written
+// in libm-free arithmetic so that the `omp simd` loops below vectorise (a scalar exp/log1p call per pixel costs
+// more than the whole rest of the block). With z = beta y and t = exp(-|z|) in (0, 1]:
+//   softplus = (max(z, 0) + log1p(t)) / beta,   sigmoid(z) = z >= 0 ? 1 / (1 + t) : t / (1 + t),
+//   sigmoid' = t / (1 + t)^2,
+// and log1p(t) = log(u) t / (u - 1) with u = 1 + t rounded (exact to a few ulp even when t is below the rounding
+// step of 1 + t, where it returns t). Same threshold as PyTorch: z > 20 gives y, 1 and 0.
+
+template <int ACT, typename T>
+C10_ALWAYS_INLINE T cpu_act_value(T y, T beta) {
+  if (ACT == nap::kReLU) return y > T(0) ? y : T(0);
+  const T z = y * beta;
+  const T az = z < T(0) ? -z : z;
+  const T t = trust_math::exp_nonpos(-az);
+  const T u = T(1) + t;
+  const T l1p = u == T(1) ? t : trust_math::log_ge1(u) * (t / (u - T(1)));
+  const T sp = ((z > T(0) ? z : T(0)) + l1p) / beta;
+  return z > T(nap::kSoftplusThreshold) ? y : sp;
+}
+
+template <int ACT, typename T>
+C10_ALWAYS_INLINE T cpu_act_d1(T y, T beta) {
+  if (ACT == nap::kReLU) return y > T(0) ? T(1) : T(0);
+  const T z = y * beta;
+  const T az = z < T(0) ? -z : z;
+  const T t = trust_math::exp_nonpos(-az);
+  const T s = (z >= T(0) ? T(1) : t) / (T(1) + t);
+  return z > T(nap::kSoftplusThreshold) ? T(1) : s;
+}
+
+template <int ACT, typename T>
+C10_ALWAYS_INLINE T cpu_act_d2(T y, T beta) {
+  if (ACT == nap::kReLU) return T(0);
+  const T z = y * beta;
+  const T az = z < T(0) ? -z : z;
+  const T t = trust_math::exp_nonpos(-az);
+  const T v = T(1) + t;
+  return z < T(nap::kSoftplusThreshold) ? beta * t / (v * v) : T(0);
+}
 
 // ---------------------------------------------------------------------------------------------------------------
 // the planes (templates; instantiated per dtype inside target_clones wrappers)
@@ -111,7 +153,7 @@ C10_ALWAYS_INLINE void forward_plane(const T* x, T* out, T gamma, T bias, T eps,
   }
   T* r = POOL ? scratch : out;
 #pragma omp simd
-  for (int64_t i = 0; i < g.in_size(); ++i) r[i] = nap::act_value<ACT>(a * x[i] + b, beta);
+  for (int64_t i = 0; i < g.in_size(); ++i) r[i] = cpu_act_value<ACT>(a * x[i] + b, beta);
   if (POOL) gather<T, true>(r, g, out);
 }
 
@@ -123,7 +165,7 @@ C10_ALWAYS_INLINE void backward_plane(const T* gp, const T* x, T gamma, T bias, 
   if (!NORM) {
     if (dx != nullptr) {
 #pragma omp simd
-      for (int64_t i = 0; i < M; ++i) dx[i] = gr[i] * nap::act_d1<ACT>(x[i], beta);
+      for (int64_t i = 0; i < M; ++i) dx[i] = gr[i] * cpu_act_d1<ACT>(x[i], beta);
     }
     return;
   }
@@ -131,7 +173,7 @@ C10_ALWAYS_INLINE void backward_plane(const T* gp, const T* x, T gamma, T bias, 
   T sg = 0, sgx = 0;
 #pragma omp simd reduction(+ : sg, sgx)
   for (int64_t i = 0; i < M; ++i) {
-    const T gi = gr[i] * nap::act_d1<ACT>(a * x[i] + b, beta);
+    const T gi = gr[i] * cpu_act_d1<ACT>(a * x[i] + b, beta);
     sg += gi;
     sgx += gi * ((x[i] - mu) * rs);
   }
@@ -141,7 +183,7 @@ C10_ALWAYS_INLINE void backward_plane(const T* gp, const T* x, T gamma, T bias, 
   const T c1 = gamma * rs, mg = sg / T(M), mgx = sgx / T(M);
 #pragma omp simd
   for (int64_t i = 0; i < M; ++i) {
-    const T gi = gr[i] * nap::act_d1<ACT>(a * x[i] + b, beta);
+    const T gi = gr[i] * cpu_act_d1<ACT>(a * x[i] + b, beta);
     dx[i] = c1 * (gi - mg - ((x[i] - mu) * rs) * mgx);
   }
 }
@@ -157,18 +199,18 @@ template <typename T, int ACT, bool POOL, bool NORM>
 C10_ALWAYS_INLINE void double_backward_plane(const T* u, T ug, T ub, const T* gp, const T* x, T gamma, T bias, T mu,
                                              T rs, T beta, const Geom& g, DoubleOut o, T* gr, T* t1, T* t2) {
   const int64_t M = g.in_size();
-  spread<T, POOL>(gp, g, gr);
   T* ggp = static_cast<T*>(o.ggp);
   T* gx = static_cast<T*>(o.gx);
+  if (NORM || gx != nullptr) spread<T, POOL>(gp, g, gr);  // without normalisation, d/d(gp) never reads gp
   if (!NORM) {  // S = <u, gr act'(x)>
     if (ggp != nullptr) {
 #pragma omp simd
-      for (int64_t i = 0; i < M; ++i) t1[i] = u == nullptr ? T(0) : u[i] * nap::act_d1<ACT>(x[i], beta);
+      for (int64_t i = 0; i < M; ++i) t1[i] = u == nullptr ? T(0) : u[i] * cpu_act_d1<ACT>(x[i], beta);
       gather<T, POOL>(t1, g, ggp);
     }
     if (gx != nullptr) {
 #pragma omp simd
-      for (int64_t i = 0; i < M; ++i) gx[i] = u == nullptr ? T(0) : u[i] * gr[i] * nap::act_d2<ACT>(x[i], beta);
+      for (int64_t i = 0; i < M; ++i) gx[i] = u == nullptr ? T(0) : u[i] * gr[i] * cpu_act_d2<ACT>(x[i], beta);
     }
     return;
   }
@@ -178,7 +220,7 @@ C10_ALWAYS_INLINE void double_backward_plane(const T* u, T ug, T ub, const T* gp
 #pragma omp simd reduction(+ : su, suxh, sg, sgxh, sgu)
   for (int64_t i = 0; i < M; ++i) {
     const T xh = (x[i] - mu) * rs;
-    const T gi = gr[i] * nap::act_d1<ACT>(a * x[i] + b, beta);
+    const T gi = gr[i] * cpu_act_d1<ACT>(a * x[i] + b, beta);
     const T ui = u == nullptr ? T(0) : u[i];
     su += ui;
     suxh += ui * xh;
@@ -195,11 +237,11 @@ C10_ALWAYS_INLINE void double_backward_plane(const T* u, T ug, T ub, const T* gp
   for (int64_t i = 0; i < M; ++i) {
     const T xh = (x[i] - mu) * rs;
     const T y = a * x[i] + b;
-    const T d1 = nap::act_d1<ACT>(y, beta);
+    const T d1 = cpu_act_d1<ACT>(y, beta);
     const T gi = gr[i] * d1;
     const T ui = u == nullptr ? T(0) : u[i];
     const T w = c1 * (ui - mu_u - xh * mu_uxh) + ug * xh + ub;
-    const T h = ACT == nap::kReLU ? T(0) : w * gr[i] * nap::act_d2<ACT>(y, beta);
+    const T h = ACT == nap::kReLU ? T(0) : w * gr[i] * cpu_act_d2<ACT>(y, beta);
     const T G = gamma * h - c1 * (ui * sgxh / Mt + mu_uxh * gi) + ug * gi;
     t1[i] = d1 * w;
     t2[i] = G;

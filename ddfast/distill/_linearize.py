@@ -44,6 +44,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.convnet import _ACT_CODE, avg_pool_2x2, avg_pool_2x2_adjoint, norm_act_pool, uses_kernel
+
 __all__ = ["LinearizedNet", "LinCache", "rcig_tangent_names", "METHODS"]
 
 METHODS = ("auto", "convnet", "functorch")
@@ -69,7 +71,9 @@ class LinCache:
         x: the input ``[n, C, H, W]`` (``"functorch"`` recomputes the primal from it in every jvp).
         layer: ``"convnet"`` only, one entry per op of the body: the input ``h_l`` of a conv, the activation
             derivative ``sigma'(z_l)`` (same shape as ``z_l``; ``1[z > 0]`` for ReLU, ``sigmoid(beta z)`` for
-            softplus) of an activation, ``None`` for a pooling op.
+            softplus) of an activation, the pre-activation ``z_l`` of a fused activation + pooling block
+            (:class:`ddfast.models.ActPool`; its jvp / vjp evaluate ``sigma'`` inside the kernels), ``None`` for a
+            pooling op.
         shapes: ``"convnet"`` only: the input shape of every conv / pooling op (for the vjp).
     """
 
@@ -183,12 +187,15 @@ class LinearizedNet:
                 layer.append(torch.where(bz > thr, torch.ones_like(h), torch.sigmoid(bz)))
                 shapes.append(None)
                 h = F.softplus(h, beta=beta, threshold=thr)
+            elif kind == "actpool":
+                layer.append(h)
+                shapes.append(h.shape)
+                h = norm_act_pool(h, None, None, act=op[1], softplus_beta=op[2], pool=True)
             else:  # avgpool
                 mod = op[1]
                 layer.append(None)
                 shapes.append(h.shape)
-                h = F.avg_pool2d(h, mod.kernel_size, mod.stride, mod.padding, mod.ceil_mode,
-                                 mod.count_include_pad, mod.divisor_override)
+                h = _pool(h, mod)
         return LinCache(h.flatten(1), x, layer, shapes)
 
     # ---- jvp ------------------------------------------------------------------------------------------
@@ -216,10 +223,11 @@ class LinearizedNet:
                 t = dz
             elif kind in ("relu", "softplus"):
                 t = saved * t
+            elif kind == "actpool":
+                t = _act_pool_jvp(saved, t, op[1], op[2])
             else:
                 mod = op[1]
-                t = F.avg_pool2d(t, mod.kernel_size, mod.stride, mod.padding, mod.ceil_mode,
-                                 mod.count_include_pad, mod.divisor_override)
+                t = _pool(t, mod)
         u = t.flatten(1) @ self._clf_w.T
         if self._clf_b_name is not None and self._clf_b_name in q:
             u = u + q[self._clf_b_name]
@@ -263,12 +271,17 @@ class LinearizedNet:
                 kind = op[0]
                 if kind == "avgpool":
                     mod = op[1]
-                    gt = torch.ops.aten.avg_pool2d_backward(
-                        gt, gt.new_zeros(()).expand(shp), _pair(mod.kernel_size),
-                        _pair(mod.stride if mod.stride is not None else mod.kernel_size), _pair(mod.padding),
-                        mod.ceil_mode, mod.count_include_pad, mod.divisor_override)
+                    if _is_2x2(mod):
+                        gt = avg_pool_2x2_adjoint(gt, shp)
+                    else:
+                        gt = torch.ops.aten.avg_pool2d_backward(
+                            gt, gt.new_zeros(()).expand(shp), _pair(mod.kernel_size),
+                            _pair(mod.stride if mod.stride is not None else mod.kernel_size), _pair(mod.padding),
+                            mod.ceil_mode, mod.count_include_pad, mod.divisor_override)
                 elif kind in ("relu", "softplus"):
                     gt = saved * gt
+                elif kind == "actpool":
+                    gt = _act_pool_vjp(saved, gt, op[1], op[2])
                 else:
                     mod, name = op[2], op[1]
                     w = self.params[name + ".weight"]
@@ -302,6 +315,82 @@ class LinearizedNet:
         return torch.stack(cols, 1)
 
 
+def _is_2x2(mod: nn.AvgPool2d) -> bool:
+    """A plain 2x2, stride-2, unpadded average pooling (the ConvNet's), which :func:`avg_pool_2x2` computes."""
+    return (_pair(mod.kernel_size) == [2, 2] and _pair(mod.stride if mod.stride is not None else 2) == [2, 2]
+            and _pair(mod.padding) == [0, 0] and not mod.ceil_mode and mod.divisor_override is None)
+
+
+# ---- the fused activation + 2x2 average pooling block, linearised -------------------------------------------
+# With z the block's input (pre-activation) and P the 2x2 mean: the block is P(sigma(z)), its tangent map
+# t -> P(sigma'(z) t) and the transpose g -> sigma'(z) P^T g. These are exactly the pieces of the fused op's
+# derivatives (ddfast.ops.norm_act_pool without normalisation): the transpose is its backward at grad_out = g,
+# the tangent map is its double backward's d/d(grad_out) at grad_grad_x = t, and the tangent map's derivative in
+# z is the double backward's d/dx (sigma''(z) t P^T g). Without the compiled kernel: the same maths in ATen ops.
+
+def _act_d1(z: torch.Tensor, act: str, beta: float) -> torch.Tensor:
+    if act == "relu":
+        return (z > 0).to(z.dtype)
+    bz = z * beta
+    return torch.where(bz > 20.0, torch.ones_like(z), torch.sigmoid(bz))
+
+
+def _nap_none(z: torch.Tensor):
+    return z.new_empty((0, 0))
+
+
+class _ActPoolTangent(torch.autograd.Function):
+    """``P(sigma'(z) t)`` with first derivatives in ``z`` and ``t`` (compiled kernel)."""
+
+    @staticmethod
+    def forward(ctx, z, t, act, beta):
+        ctx.save_for_backward(z, t)
+        ctx.act, ctx.beta = act, beta
+        e = _nap_none(z)
+        n, c, h, w = z.shape
+        dummy = z.new_empty((n, c, h // 2, w // 2))  # grad_out: not read for d/d(grad_out) without normalisation
+        out = torch.ops.ddfast.norm_act_pool_double_backward(t.contiguous(), None, None, dummy, z, None, None, e, e,
+                                                             _ACT_CODE[act], beta, True, [True, False, False, False])
+        return out[0]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        z, t = ctx.saved_tensors
+        e = _nap_none(z)
+        g = g.contiguous()
+        gt = gz = None
+        if ctx.needs_input_grad[1]:
+            gt = torch.ops.ddfast.norm_act_pool_backward(g, z, None, None, e, e, _ACT_CODE[ctx.act], ctx.beta, True,
+                                                         [True, False, False])[0]
+        if ctx.needs_input_grad[0]:
+            gz = torch.ops.ddfast.norm_act_pool_double_backward(
+                t.contiguous(), None, None, g, z, None, None, e, e, _ACT_CODE[ctx.act], ctx.beta, True,
+                [False, True, False, False])[1]
+        return gz, gt, None, None
+
+
+def _act_pool_jvp(z: torch.Tensor, t: torch.Tensor, act: str, beta: float) -> torch.Tensor:
+    if uses_kernel(z) and uses_kernel(t):
+        return _ActPoolTangent.apply(z, t, act, beta)
+    return avg_pool_2x2(_act_d1(z, act, beta) * t)
+
+
+def _act_pool_vjp(z: torch.Tensor, g: torch.Tensor, act: str, beta: float) -> torch.Tensor:
+    if uses_kernel(z) and uses_kernel(g):
+        e = _nap_none(z)
+        return torch.ops.ddfast.norm_act_pool_backward(g.contiguous(), z, None, None, e, e, _ACT_CODE[act], beta,
+                                                       True, [True, False, False])[0]
+    return _act_d1(z, act, beta) * avg_pool_2x2_adjoint(g, z.shape)
+
+
+def _pool(x: torch.Tensor, mod: nn.AvgPool2d) -> torch.Tensor:
+    if _is_2x2(mod):
+        return avg_pool_2x2(x)
+    return F.avg_pool2d(x, mod.kernel_size, mod.stride, mod.padding, mod.ceil_mode, mod.count_include_pad,
+                        mod.divisor_override)
+
+
 def _pair(v) -> List[int]:
     if isinstance(v, int):
         return [v, v]
@@ -330,9 +419,8 @@ def _parse_convnet(model: nn.Module):
     for name, mod in model.features.named_children():
         if isinstance(mod, nn.Identity):  # a slot a fused module before it already computed
             continue
-        if isinstance(mod, ActPool):  # fused activation + 2x2 average pooling: the same maths, unfused
-            ops.append(("relu",) if mod.act == "relu" else ("softplus", mod.softplus_beta, 20.0))
-            ops.append(("avgpool", nn.AvgPool2d(2, 2)))
+        if isinstance(mod, ActPool):  # fused activation + 2x2 average pooling (its jvp / vjp are fused too)
+            ops.append(("actpool", mod.act, float(mod.softplus_beta)))
         elif isinstance(mod, nn.Conv2d):
             if mod.padding_mode != "zeros" or isinstance(mod.padding, str):
                 return None

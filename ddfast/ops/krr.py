@@ -18,7 +18,7 @@ Hessian-vector products) a differentiable composite built from the same register
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 
@@ -43,12 +43,18 @@ class KRRFactor(NamedTuple):
             on the reference path.
         batched: False when made from unbatched ``[n, p]`` features (then solves take and return unbatched
             tensors).
+        system: ``[B, n, n]`` or None -- on the compiled path when ``support_x`` or ``ridge`` require grad: the
+            matrix ``A = K_ss + ridge I`` as an autograd node (its value is ``L L^T``). The solves route their
+            gradients to it (``dA = -beta alpha^T`` each); autograd sums them over every solve and the node's backward
+            maps the sum to ``support_x`` (``(dA + dA^T) X_s``, one ``[n, n] x [n, p]`` product for all the solves)
+            and to ``ridge`` (``tr dA``).
     """
 
     support_x: torch.Tensor
     ridge: torch.Tensor
     cholesky: torch.Tensor
     batched: bool
+    system: Optional[torch.Tensor] = None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -198,9 +204,52 @@ def krr_factor(support_x: torch.Tensor, ridge: Ridge) -> KRRFactor:
     r = _ridge_tensor(op, ridge, xs.shape[0], xs, batched)
     if _extension.use_kernel(xs, r):
         chol = torch.ops.ddfast.kernel_ridge_regression_factor(xs.detach(), r.detach())
-    else:
-        chol = _reference.krr.krr_cholesky(xs, r, op)
+        system = None
+        if torch.is_grad_enabled() and (xs.requires_grad or r.requires_grad) and not torch.compiler.is_compiling():
+            system = _SupportSystem.apply(xs, r, chol)
+        return KRRFactor(xs, r, chol, batched, system)
+    chol = _reference.krr.krr_cholesky(xs, r, op)
     return KRRFactor(xs, r, chol, batched)
+
+
+class _SupportSystem(torch.autograd.Function):
+    """``A = X_s X_s^T + ridge I`` as an autograd node (value ``L L^T``): gradients ``dA`` from every solve against
+    the factor accumulate here and reach ``X_s`` (``(dA + dA^T) X_s``) and ``ridge`` (``tr dA``) once."""
+
+    @staticmethod
+    def forward(ctx, xs, r, chol):
+        ctx.save_for_backward(xs)
+        return chol @ chol.mT
+
+    @staticmethod
+    def backward(ctx, dA):
+        (xs,) = ctx.saved_tensors
+        d_xs = (dA + dA.mT) @ xs if ctx.needs_input_grad[0] else None
+        d_r = dA.diagonal(dim1=-2, dim2=-1).sum(-1) if ctx.needs_input_grad[1] else None
+        return d_xs, d_r, None
+
+
+class _SolveThroughSystem(torch.autograd.Function):
+    """``alpha = A^{-1} rhs`` with ``A`` given by its factor, differentiable w.r.t. ``A`` (the factor's
+    :class:`_SupportSystem` node: ``dA = -beta alpha^T``, ``beta = A^{-1} g``) and ``rhs`` (``beta``); its backward is
+    built from this same Function, so it is differentiable again."""
+
+    @staticmethod
+    def forward(ctx, system, rhs, chol, xs, r):
+        alpha = torch.ops.ddfast.kernel_ridge_regression_solve(chol, xs, rhs, r)
+        ctx.save_for_backward(system, rhs, chol, xs, r, alpha)
+        return alpha
+
+    @staticmethod
+    def backward(ctx, g):
+        system, rhs, chol, xs, r, alpha = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            beta = _SolveThroughSystem.apply(system, g, chol, xs, r)
+            alpha = _SolveThroughSystem.apply(system, rhs, chol, xs, r)
+        else:
+            beta = torch.ops.ddfast.kernel_ridge_regression_solve(chol, xs, g.contiguous(), r)
+        d_a = -(beta @ alpha.mT) if ctx.needs_input_grad[0] else None
+        return d_a, (beta if ctx.needs_input_grad[1] else None), None, None, None
 
 
 def _check_factor(op: str, factor) -> None:
@@ -233,7 +282,10 @@ def krr_solve(factor: KRRFactor, rhs: torch.Tensor) -> torch.Tensor:
     _check_factor(op, factor)
     _check_targets(op, "rhs", rhs, _u(factor.support_x, factor.batched), factor.batched)
     rb = _b(rhs, factor.batched)
-    if _extension.use_kernel(rb, factor.cholesky) and not factor.cholesky.requires_grad:
+    if factor.system is not None and _extension.use_kernel(rb, factor.cholesky):
+        alpha = _SolveThroughSystem.apply(factor.system, rb, factor.cholesky, factor.support_x.detach(),
+                                          factor.ridge.detach())
+    elif _extension.use_kernel(rb, factor.cholesky) and not factor.cholesky.requires_grad:
         alpha = torch.ops.ddfast.kernel_ridge_regression_solve(factor.cholesky, factor.support_x, rb, factor.ridge)
     else:
         if not torch.compiler.is_compiling():

@@ -36,8 +36,9 @@ def _train_set(tr, **kw):
     return TrainSet(tr.images, tr.labels, 10, tr.mean, tr.std, name="digits", **kw)
 
 
-def _tiny_net(beta=60.0, width=1, dtype=torch.float64, seed=0):
-    m = convnet_rcig(1, 10, im_size=(8, 8), act="softplus", softplus_beta=beta, base_width=width).to(dtype)
+def _tiny_net(beta=60.0, width=1, dtype=torch.float64, seed=0, fused=None):
+    m = convnet_rcig(1, 10, im_size=(8, 8), act="softplus", softplus_beta=beta, base_width=width,
+                     fused=fused).to(dtype)
     g = torch.Generator().manual_seed(seed)
     flat = lecun_normal_init(m, g, dtype=dtype)
     from ddfast.models import unflatten
@@ -119,14 +120,19 @@ def test_inner_problem_matches_reference_loss_and_hessian(digits):
 # ----------------------------------------------------------------------------------------------------------
 # the linearisation
 # ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("method", ["convnet", "functorch"])
-def test_linearisation_matches_finite_differences(digits, method):
+def test_linearisation_matches_finite_differences(digits, method, fused):
+    """jvp against central differences of the network, and jvp / vjp against the explicit Jacobian, for the fused
+    activation + pooling blocks (the compiled kernels' derivatives) and the plain modules."""
     from torch.func import functional_call
 
     tr, _ = digits
-    m, params = _tiny_net()
+    m, params = _tiny_net(fused=fused)
     lin = LinearizedNet(m, params, method=method)
     assert lin.method == method
+    if method == "convnet":
+        assert any(op[0] == "actpool" for op in lin._ops) == fused
     assert "classifier.weight" not in lin.tangent_names and "classifier.bias" in lin.tangent_names
     assert lin.tangent_names == rcig_tangent_names(m)
     x = tr.images[:5].double()
@@ -148,9 +154,10 @@ def test_linearisation_matches_finite_differences(digits, method):
     torch.testing.assert_close(lin.vjp(cache, w), J.T @ w.reshape(-1), rtol=1e-10, atol=1e-12)
 
 
-def test_linearisation_methods_agree_and_differentiate_through_inputs(digits):
+@pytest.mark.parametrize("fused", [True, False])
+def test_linearisation_methods_agree_and_differentiate_through_inputs(digits, fused):
     tr, _ = digits
-    m, params = _tiny_net()
+    m, params = _tiny_net(fused=fused)
     x = tr.images[:4].double().requires_grad_(True)
     psi = torch.randn(LinearizedNet(m, params).numel, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     outs = []

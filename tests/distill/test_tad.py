@@ -7,7 +7,6 @@ exact resume with a tiny distiller defined here; and TAD end to end with DATM, D
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib.util
 import math

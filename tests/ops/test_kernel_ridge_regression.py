@@ -375,3 +375,19 @@ def test_torch_compile_fullgraph(path, device):
     torch.testing.assert_close(out, ref_out)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b)
+
+
+@needs_ext
+def test_many_solves_reach_support_x_through_one_product():
+    """The solves' gradients w.r.t. the factor's system matrix are summed by autograd and mapped to support_x once:
+    the backward's products with support_x ([n, n] x [n, p]) do not grow with the number of solves."""
+    def products(k):
+        xs, _, _ = make(1, 40, 300, 1, 3, grad=True)
+        f = krr_factor(xs, 0.5)
+        assert f.system is not None
+        total = sum(krr_solve(f, randn((1, 40, 3), dtype=torch.float64, seed=j)).square().sum() for j in range(k))
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+            total.backward()
+        return sum(e.count for e in prof.key_averages(group_by_input_shape=True)
+                   if e.key in ("aten::bmm", "aten::mm", "aten::matmul") and "300" in str(e.input_shapes))
+    assert products(1) == products(6) >= 1

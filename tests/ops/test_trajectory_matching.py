@@ -14,7 +14,6 @@ import torch
 
 import ddfast._extension as ext
 from ddfast.ops import TeslaQuantities, tesla_quantities, trajectory_matching_loss
-from ddfast.ops import _reference as R
 
 from _helpers import ALL_FLOAT_DTYPES, DEVICES, randn, tol
 

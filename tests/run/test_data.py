@@ -3,7 +3,6 @@ user files and CIFAR-N label files."""
 import gzip
 import os
 import pickle
-import shutil
 import struct
 
 import numpy as np

@@ -1,7 +1,6 @@
 """Tests of ddfast.evaluate: the harness learns digits, vmap == loop, losses, transforms on the test set,
 schedules, config validation, JSON."""
 import json
-import math
 
 import pytest
 import torch
