@@ -57,6 +57,8 @@ __all__ = [
     "train_classifier",
     "evaluate_model",
     "per_sample_loss",
+    "lr_factor",
+    "make_optimizer",
     "LOSSES",
     "VMAP_AUTO_MAX_TRAIN",
     "evaluate_sharded",
@@ -203,7 +205,10 @@ def per_sample_loss(kind: str, logits: torch.Tensor, targets: torch.Tensor, gce_
     raise ValueError(f"loss must be one of {LOSSES}, got {kind!r}")
 
 
-def _lr_factor(cfg: EvalConfig, epoch: int, step: int, total_steps: int) -> float:
+def lr_factor(cfg: EvalConfig, epoch: int, step: int, total_steps: int) -> float:
+    """The multiplier of ``cfg.lr`` at ``(epoch, step)`` of ``total_steps`` under ``cfg.schedule`` (``constant``;
+    ``step``: 0.1 after half the epochs; ``multistep``: x0.2 at 2/3 and 5/6 of the epochs; ``cosine``: per step,
+    after ``warmup_steps`` linear warm-up steps)."""
     if cfg.schedule == "constant":
         return 1.0
     if cfg.schedule == "step":
@@ -222,7 +227,8 @@ def _lr_factor(cfg: EvalConfig, epoch: int, step: int, total_steps: int) -> floa
     return 0.5 * (1.0 + math.cos(math.pi * min(step - cfg.warmup_steps, rest) / rest))
 
 
-def _make_optimizer(cfg: EvalConfig, params) -> torch.optim.Optimizer:
+def make_optimizer(cfg: EvalConfig, params) -> torch.optim.Optimizer:
+    """``cfg``'s optimiser over ``params``: SGD (momentum, weight decay default 5e-4) or Adam (default 0)."""
     wd = cfg.weight_decay if cfg.weight_decay is not None else (5e-4 if cfg.optimizer == "sgd" else 0.0)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=wd)
@@ -346,7 +352,7 @@ def _train_loop(model: nn.Module, X: torch.Tensor, Y: torch.Tensor, cfg: EvalCon
     bs = min(cfg.batch_size, n)
     steps_per_epoch = math.ceil(n / bs)
     total = steps_per_epoch * cfg.epochs
-    opt = _make_optimizer(cfg, model.parameters())
+    opt = make_optimizer(cfg, model.parameters())
     dsa = _make_dsa(cfg)
     g = _seed_gen(cfg.seed, run, 1)
     model.train()
@@ -364,7 +370,7 @@ def _train_loop(model: nn.Module, X: torch.Tensor, Y: torch.Tensor, cfg: EvalCon
             if cfg.cutmix_p > 0:
                 xb, yb_b, ratio = cutmix(xb, yb, g, cfg.cutmix_beta, cfg.cutmix_p)
                 mix = (yb_b, ratio)
-            f = _lr_factor(cfg, epoch, step, total)
+            f = lr_factor(cfg, epoch, step, total)
             for pg in opt.param_groups:
                 pg["lr"] = cfg.lr * f
             ls = _mixed_loss(loss_kind, model(xb), yb, mix, cfg.gce_q)
@@ -387,7 +393,7 @@ def _train_vmapped(template: nn.Module, flats0: torch.Tensor, X: torch.Tensor, Y
     steps_per_epoch = math.ceil(n / bs)
     total = steps_per_epoch * cfg.epochs
     flats = nn.Parameter(flats0.clone())
-    opt = _make_optimizer(cfg, [flats])
+    opt = make_optimizer(cfg, [flats])
     dsas = [_make_dsa(cfg) for _ in range(K)] if cfg.dsa else None
     gens = [_seed_gen(cfg.seed, k, 1) for k in range(K)]
     template.train()
@@ -408,7 +414,7 @@ def _train_vmapped(template: nn.Module, flats0: torch.Tensor, X: torch.Tensor, Y
                 xs.append(xk)
             xb = torch.stack(xs)
             yb = torch.stack([Y[i] for i in idxs])
-            f = _lr_factor(cfg, epoch, step, total)
+            f = lr_factor(cfg, epoch, step, total)
             for pg in opt.param_groups:
                 pg["lr"] = cfg.lr * f
             logits = batched_forward(template, flats, xb)  # [K, B, C]

@@ -33,6 +33,11 @@ __all__ = [
     "synset_grid_rows",
     "plot_curves",
     "plot_tad_rounds",
+    "plot_baseline_curves",
+    "plot_noise_study",
+    "crossover_rates",
+    "result_row",
+    "RESULT_ROWS",
     "render_report",
     "sweep_table",
     "BASELINE_TITLES",
@@ -44,14 +49,38 @@ __all__ = [
 BASELINE_TITLES = {
     "distilled": "distilled set",
     "random_subset": "random real subset (noisy labels)",
-    "full_noisy": "full noisy training set",
-    "gce": "GCE loss on the full noisy set",
+    "full_noisy": "full noisy training set, last epoch",
+    "full_noisy@early_stop": "full noisy training set, early stopped on held-out noisy labels",
+    "full_noisy@best_epoch": "full noisy training set, best epoch (oracle)",
+    "gce": "GCE loss on the full noisy set, last epoch",
+    "coteaching": "Co-teaching on the full noisy set, last epoch",
     "full_clean": "full clean training set (oracle)",
 }
 
 #: the same rows when the run adds no label noise (``--noise none``)
-_CLEAN_TITLES = {"random_subset": "random real subset", "full_noisy": "full training set",
-                 "gce": "GCE loss on the full training set"}
+_CLEAN_TITLES = {"random_subset": "random real subset", "full_noisy": "full training set, last epoch",
+                 "full_noisy@early_stop": "full training set, early stopped on held-out labels",
+                 "full_noisy@best_epoch": "full training set, best epoch (oracle)",
+                 "gce": "GCE loss on the full training set, last epoch",
+                 "coteaching": "Co-teaching on the full training set, last epoch"}
+
+#: the results rows in report order; ``name@variant`` rows come from a full-data result's ``eval[variant]``
+RESULT_ROWS = ("distilled", "random_subset", "full_noisy", "full_noisy@early_stop", "full_noisy@best_epoch", "gce",
+               "coteaching", "full_clean")
+
+
+def result_row(results: Dict[str, Any], key: str) -> Optional[Dict[str, Any]]:
+    """The result of a row of :data:`RESULT_ROWS`: ``results[key]``, or for ``name@variant`` the variant of a
+    full-data baseline (early stopping, best epoch) recorded in its ``eval`` facts; None when absent."""
+    if "@" not in key:
+        return results.get(key)
+    name, variant = key.split("@", 1)
+    base = results.get(name) or {}
+    v = (base.get("eval") or {}).get(variant)
+    if not isinstance(v, dict) or v.get("mean") is None:
+        return None
+    return {"mean": v["mean"], "std": v.get("std", 0.0), "accs": v.get("accs", []), "epochs": v.get("epochs"),
+            "n_images": base.get("n_images"), "description": v.get("note", "")}
 
 
 def baseline_title(key: str, noise_spec: Optional[str] = None) -> str:
@@ -193,6 +222,125 @@ def plot_curves(history: Sequence[Dict[str, Any]], out_dir: str,
     return written
 
 
+def plot_baseline_curves(results: Dict[str, Any], out_dir: str,
+                         distilled: Optional[Dict[str, Any]] = None) -> Dict[str, str]:
+    """``baseline_curves.png``: the per-epoch test accuracy of every full-data baseline that recorded a curve
+    (``results[name]["eval"]["curve"]``; dashed: the held-out noisy-label accuracy), the distilled set's accuracy
+    as a horizontal line. Returns ``{"baseline_curves": path}`` or ``{}`` when no baseline has a curve."""
+    curves = [(k, r["eval"]) for k, r in results.items()
+              if isinstance(r, dict) and isinstance(r.get("eval"), dict) and r["eval"].get("curve")]
+    if not curves:
+        return {}
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for i, (k, ev) in enumerate(curves):
+        color = f"C{i}"
+        xs = list(range(1, len(ev["curve"]) + 1))
+        ax.plot(xs, ev["curve"], color=color, lw=1.6, label=f"{k}: test")
+        if ev.get("holdout_curve"):
+            ax.plot(xs, ev["holdout_curve"], color=color, lw=1.0, ls="--", label=f"{k}: held-out (noisy labels)")
+    if distilled and distilled.get("mean") is not None:
+        ax.axhline(distilled["mean"], color="black", lw=1.2, ls=":", label="distilled set")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("Full-data baselines per epoch")
+    ax.legend(loc="best", fontsize=7)
+    ax.grid(alpha=0.3)
+    return {"baseline_curves": _save_fig(fig, os.path.join(out_dir, "baseline_curves.png"))}
+
+
+def _noise_kind_rate(spec: str) -> Tuple[str, float]:
+    """``("sym", 0.4)`` from ``"sym:0.4"``; ``("none", 0.0)`` for ``"none"``."""
+    if spec == "none" or ":" not in spec:
+        return "none", 0.0
+    kind, rate = spec.split(":", 1)
+    try:
+        return kind, float(rate.split(",")[0])
+    except ValueError:
+        return kind, float("nan")
+
+
+def _study_points(cells: Sequence[Dict[str, Any]]) -> Dict[Tuple[str, int], Dict[str, List[Tuple[float, float]]]]:
+    """``{(noise kind, ipc): {row: [(rate, mean accuracy)]}}`` from finished sweep cells; the clean runs
+    (``none``) join every kind's panel at rate 0. Rows: each method (+ TAD) and each baseline row."""
+    panels: Dict[Tuple[str, int], Dict[str, Dict[float, List[float]]]] = {}
+    kinds = sorted({_noise_kind_rate(str(c["noise"]))[0] for c in cells} - {"none"}) or ["none"]
+    for c in cells:
+        kind, rate = _noise_kind_rate(str(c["noise"]))
+        res = (c.get("metrics") or {}).get("results", {})
+        rows = {str(c["method"]).upper() + (" + TAD" if c.get("tad") else ""): res.get("distilled")}
+        for b in RESULT_ROWS[1:]:
+            if b == "random_subset":
+                continue  # per-method protocol: in the table, not the plot
+            rows[BASELINE_TITLES[b]] = result_row(res, b)
+        for k in (kinds if kind == "none" else [kind]):
+            panel = panels.setdefault((k, int(c["ipc"])), {})
+            for name, r in rows.items():
+                if r and r.get("mean") is not None:
+                    panel.setdefault(name, {}).setdefault(rate, []).append(float(r["mean"]))
+    return {key: {name: sorted((rate, sum(v) / len(v)) for rate, v in pts.items()) for name, pts in panel.items()}
+            for key, panel in panels.items()}
+
+
+def crossover_rates(cells: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Per (method, noise kind, IPC): the lowest noise rate at which the distilled set beats the last-epoch
+    full-noisy baseline (``None``: at no measured rate), with the rates measured. Rows sorted by kind, IPC,
+    method."""
+    out: List[Dict[str, Any]] = []
+    ref_name = BASELINE_TITLES["full_noisy"]
+    for (kind, ipc), panel in sorted(_study_points(cells).items()):
+        ref = dict(panel.get(ref_name, []))
+        for name, pts in sorted(panel.items()):
+            if name in BASELINE_TITLES.values():
+                continue
+            shared = [(r, a) for r, a in pts if r in ref]
+            wins = [r for r, a in shared if a > ref[r]]
+            out.append({"method": name, "noise": kind, "ipc": ipc, "crossover": min(wins) if wins else None,
+                        "rates": [r for r, _ in shared]})
+    return out
+
+
+def plot_noise_study(cells: Sequence[Dict[str, Any]], path: str) -> Optional[str]:
+    """Test accuracy against noise rate: one panel per (noise kind, IPC), one line per method and per baseline
+    row (dashed), from finished sweep cells. Returns the path written, or None when there is nothing to plot."""
+    panels = _study_points(cells)
+    if not panels:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    keys = sorted(panels)
+    ncol = min(3, len(keys))
+    nrow = (len(keys) + ncol - 1) // ncol
+    fig, axes = plt.subplots(nrow, ncol, figsize=(5.0 * ncol, 3.6 * nrow), squeeze=False)
+    names = sorted({n for p in panels.values() for n in p})
+    colors = {n: f"C{i % 10}" for i, n in enumerate(names)}
+    for ax, key in zip(axes.flat, keys):
+        for name, pts in sorted(panels[key].items()):
+            base = name in BASELINE_TITLES.values()
+            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+            ax.plot(xs, ys, marker="o" if not base else None, ms=4, lw=1.6 if not base else 1.1,
+                    ls="--" if base else "-", color=colors[name], label=name)
+        ax.set_title(f"{key[0]} noise, IPC {key[1]}")
+        ax.set_xlabel("noise rate")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=7)
+    fig.tight_layout(rect=(0, 0.12 if len(labels) > 4 else 0.07, 1, 1))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return _save_fig(fig, path)
+
+
 def plot_tad_rounds(rounds: Sequence[Dict[str, Any]], out_dir: str, n_train: Optional[int] = None) -> Dict[str, str]:
     """``tad_trusted.png``: the trusted-set size per TAD round (left axis) and, when known, its precision,
     recall and the pseudo-label accuracy (right axis, %). Returns ``{name: path}`` (empty without rounds)."""
@@ -286,21 +434,32 @@ def render_report(m: Dict[str, Any]) -> str:
     out.append(f"# ddfast run: {method} on {ds.get('name', cfg.get('dataset'))}, noise {noise.get('spec')}, "
                f"IPC {cfg.get('ipc')}")
     out.append("")
-    d, rs = res.get("distilled"), res.get("random_subset")
+    d, rs, fn = res.get("distilled"), res.get("random_subset"), res.get("full_noisy")
+    spec = noise.get("spec")
+    noisy = "" if spec == "none" else " noisy"
+    if d and d.get("mean") is not None and fn and fn.get("mean") is not None:
+        diff = d["mean"] - fn["mean"]
+        epochs = (fn.get("eval") or {}).get("epochs_trained") or (fn.get("eval") or {}).get("epochs")
+        than = (f"training on all {fn.get('n_images', '?')}{noisy} images to the last of {epochs} epochs "
+                f"(what a user without clean labels gets)")
+        verdict = (f"beats {than} by {diff:.2f} points" if diff > 0 else
+                   f"is {-diff:.2f} points below {than}" if diff < 0 else f"ties with {than}")
+        out.append(f"**The distilled set ({d.get('n_images', '?')} images) {verdict}** "
+                   f"({fmt_acc(d)} % vs {fmt_acc(fn)} % test accuracy).")
+        extra = []
+        es, best = result_row(res, "full_noisy@early_stop"), result_row(res, "full_noisy@best_epoch")
+        if es:
+            extra.append(f"early stopped on held-out{noisy} labels the full set gives {fmt_acc(es)} %")
+        if best:
+            extra.append(f"at its best epoch, an oracle that peeks at the clean test labels, {fmt_acc(best)} %")
+        if extra:
+            out.append("Trained on the same images, " + "; ".join(extra) + ".")
     if d and rs and d.get("mean") is not None and rs.get("mean") is not None:
         diff = d["mean"] - rs["mean"]
-        if diff > 0:
-            verdict = f"beats a random real subset of the same size with the noisy labels by {diff:.2f} points"
-        elif diff < 0:
-            verdict = f"is {-diff:.2f} points below a random real subset of the same size with the noisy labels"
-        else:
-            verdict = "ties with a random real subset of the same size with the noisy labels"
-        out.append(f"**The distilled set ({d.get('n_images', '?')} images) {verdict}** "
-                   f"({fmt_acc(d)} % vs {fmt_acc(rs)} % test accuracy).")
-    fn = res.get("full_noisy")
-    if d and fn and fn.get("mean") is not None:
-        out.append(f"Training on all {fn.get('n_images', '?')} noisy images gives {fmt_acc(fn)} % "
-                   f"({d['mean'] - fn['mean']:+.2f} points for the distilled set).")
+        what = f"a random real subset of the same size with the{noisy} labels"
+        verdict = (f"beats {what} by {diff:.2f} points" if diff > 0 else
+                   f"is {-diff:.2f} points below {what}" if diff < 0 else f"ties with {what}")
+        out.append(f"It {verdict} ({fmt_acc(d)} % vs {fmt_acc(rs)} %).")
     out.append("")
     env = m.get("environment", {})
     load = env.get("load_average_start")
@@ -314,14 +473,16 @@ def render_report(m: Dict[str, Any]) -> str:
     out.append("## Test accuracy (%)")
     out.append("")
     rows = []
-    for key in ("distilled", "random_subset", "full_noisy", "gce", "full_clean"):
-        r = res.get(key)
+    for key in RESULT_ROWS:
+        r = result_row(res, key)
         if not r:
             continue
         title = baseline_title(key, (m.get("noise") or {}).get("spec"))
         if key == "distilled":
             title = f"**{method} distilled set**"
         what = r.get("description", "")
+        if r.get("epochs"):
+            what += f" (epochs {', '.join(str(e) for e in r['epochs'])})"
         rows.append([title, r.get("n_images", "—"), what, f"{fmt_acc(r)}",
                      ", ".join(f"{a:.1f}" for a in r.get("accs", [])), _secs(r.get("seconds"))])
     out.append(_table(["training data", "images", "how", "accuracy (mean ± std)", "per run", "seconds"], rows))
@@ -525,8 +686,8 @@ def sweep_table(cells: Sequence[Dict[str, Any]], md_path: Optional[str] = None,
         res = (c.get("metrics") or {}).get("results", {})
         name = str(c["method"]).upper() + (" + TAD" if c.get("tad") else "")
         add(name, col, res.get("distilled"))
-        for b in ("random_subset", "full_noisy", "gce", "full_clean"):
-            r = res.get(b)
+        for b in RESULT_ROWS[1:]:
+            r = result_row(res, b)
             if r is None:
                 continue
             title = BASELINE_TITLES[b]

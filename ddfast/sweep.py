@@ -12,17 +12,23 @@ The YAML file (see ``examples/sweep_fmnist.yaml``)::
     out: runs/sweep_fmnist          # cells go to OUT/<method>[-tad]/<noise>/ipc<K>/seed<S>
     device: auto                    # optional
     eval_runs: null                 # optional: evaluation runs (default: each method's protocol)
-    baselines: [full_noisy, random_subset, gce]
+    baselines: [full_noisy, random_subset, gce, coteaching]
     overrides:                      # optional, for every cell (sections as in `ddfast run --override`)
-      baseline: {epochs: 4}
+      baseline: {epochs: 30}
     method_overrides:               # optional, per method
       datm: {distill: {iterations: 200}}
+    extra:                          # optional: more cells, each a partial grid; missing axes from above
+      - {ipc: [50], noise: [sym:0.4, sym:0.8], tad: [false]}
 
 Each cell is run exactly as ``ddfast run`` would run it (:func:`ddfast.pipeline.run`), in its own directory:
 a finished cell (``report.md`` written) is skipped, an interrupted one resumes. The expert/pool and baseline
 caches are shared by the cells (with and without TAD on the same noise reuse the same full-data baselines).
 At the end ``OUT/results.md`` and ``OUT/results.csv`` hold the table in the papers' shape (rows: method +/-
 TAD and the baselines; columns: noise spec @ IPC) and ``OUT/sweep.json`` every cell's state and numbers.
+``OUT/noise_study.png`` plots test accuracy against the noise rate (one panel per noise kind and IPC, one line
+per method, the baselines dashed), and ``results.md`` ends with the crossover rate per method: the lowest noise
+rate at which the distilled set beats the last-epoch full-noisy baseline (:func:`ddfast.report.crossover_rates`),
+the cells that did not finish, and the time the cells took.
 """
 from __future__ import annotations
 
@@ -37,7 +43,8 @@ from .io import atomic_write_json, load_json
 __all__ = ["load_sweep", "expand_cells", "run_sweep", "SWEEP_KEYS"]
 
 SWEEP_KEYS = ("dataset", "methods", "noise", "ipc", "tad", "seeds", "preset", "out", "device", "eval_runs",
-              "baselines", "overrides", "method_overrides", "cache_dir", "data_root", "quiet", "noise_seed")
+              "baselines", "overrides", "method_overrides", "cache_dir", "data_root", "quiet", "noise_seed", "extra")
+GRID_AXES = ("methods", "noise", "ipc", "tad", "seeds")
 
 
 def _as_list(v) -> List[Any]:
@@ -76,10 +83,22 @@ def load_sweep(path: str) -> Dict[str, Any]:
     spec.setdefault("seeds", [0])
     spec.setdefault("preset", "quick")
     spec.setdefault("out", os.path.join("runs", "sweep"))
-    for k in ("methods", "noise", "ipc", "tad", "seeds"):
+    for k in GRID_AXES:
         spec[k] = _as_list(spec[k])
         if not spec[k]:
             raise UsageError(f"{path}: '{k}' is empty")
+    extra = spec.get("extra") or []
+    if not isinstance(extra, list) or not all(isinstance(e, dict) for e in extra):
+        raise UsageError(f"{path}: 'extra' must be a list of mappings of grid axes {list(GRID_AXES)}")
+    for e in extra:
+        bad = sorted(set(e) - set(GRID_AXES))
+        if bad:
+            raise UsageError(f"{path}: 'extra' entry has unknown key(s) {bad}; known: {list(GRID_AXES)}")
+        for k in e:
+            e[k] = _as_list(e[k])
+            if not e[k]:
+                raise UsageError(f"{path}: 'extra' entry has an empty '{k}'")
+    spec["extra"] = extra
     spec["_path"] = os.path.abspath(path)
     return spec
 
@@ -100,8 +119,16 @@ def expand_cells(spec: Dict[str, Any]) -> List[Dict[str, Any]]:
     baselines = DEFAULT_BASELINES if baselines is None else tuple(_as_list(baselines))
     if baselines == ("none",):
         baselines = ()
-    for method, tad, noise, ipc, seed in itertools.product(spec["methods"], spec["tad"], spec["noise"], spec["ipc"],
-                                                           spec["seeds"]):
+    grids = [spec] + [{**{k: spec[k] for k in GRID_AXES}, **e} for e in (spec.get("extra") or [])]
+    combos = []
+    for grid in grids:
+        for combo in itertools.product(grid["methods"], grid["tad"], grid["noise"], grid["ipc"], grid["seeds"]):
+            if combo not in combos:
+                combos.append(combo)
+    # a method's cells together (they share its expert / pool caches); otherwise the grid order
+    order = {m: i for i, m in enumerate(dict.fromkeys([c[0] for c in combos]))}
+    combos.sort(key=lambda c: order[c[0]])
+    for method, tad, noise, ipc, seed in combos:
         if not isinstance(tad, bool):
             raise UsageError(f"sweep: 'tad' entries must be true/false, got {tad!r}")
         ov: Dict[str, Dict[str, Any]] = {k: dict(v) for k, v in base_ov.items()}
@@ -139,7 +166,7 @@ def run_sweep(spec: Dict[str, Any], only: Optional[str] = None, dry_run: bool = 
     """
     from . import distributed as dd
     from .pipeline import run
-    from .report import sweep_table
+    from .report import crossover_rates, plot_noise_study, sweep_table
 
     cells = expand_cells(spec)
     if only:
@@ -198,9 +225,36 @@ def run_sweep(spec: Dict[str, Any], only: Optional[str] = None, dry_run: bool = 
                   "subset uses each method's evaluation protocol.\n\n")
         from .io import atomic_write_text
 
-        atomic_write_text(header + md, md_path)
+        cross = crossover_rates(table_cells)
+        plot = plot_noise_study(table_cells, os.path.join(out_root, "noise_study.png"))
+        tail = _study_text(cross, summary_cells, plot, out_root)
+        atomic_write_text(header + md + tail, md_path)
         atomic_write_json({"spec": {k: v for k, v in spec.items() if not k.startswith("_")},
-                           "cells": summary_cells}, os.path.join(out_root, "sweep.json"))
+                           "cells": summary_cells, "crossover": cross}, os.path.join(out_root, "sweep.json"))
     return {"cells": summary_cells, "n_cells": len(cells),
             "n_done": sum(c["state"] == "done" for c in summary_cells), "n_failed": failed,
             "table_markdown": md, "table_md": md_path, "table_csv": csv_path}
+
+
+def _study_text(cross: List[Dict[str, Any]], cells: List[Dict[str, Any]], plot: Optional[str], out_root: str) -> str:
+    """The end of ``results.md``: the plot, the crossover rate per method, unfinished cells, the time taken."""
+    lines = [""]
+    if plot:
+        lines += [f"![test accuracy against noise rate]({os.path.relpath(plot, out_root)})", ""]
+    if cross:
+        lines += ["Crossover: the lowest noise rate at which the distilled set beats the full noisy training set "
+                  "trained to its last epoch (\"none\": at no measured rate).", "",
+                  "| method | noise | IPC | crossover | rates measured |", "|---|---|---|---|---|"]
+        for c in cross:
+            rate = "none" if c["crossover"] is None else f"{c['crossover']:g}"
+            lines.append(f"| {c['method']} | {c['noise']} | {c['ipc']} | {rate} | "
+                         f"{', '.join(f'{r:g}' for r in c['rates'])} |")
+        lines.append("")
+    missing = [c for c in cells if c.get("state") != "done"]
+    if missing:
+        lines += ["Cells not finished: " + ", ".join(f"`{c['name']}` ({c['state']})" for c in missing) + ".", ""]
+    secs = [c.get("total_seconds") for c in cells if isinstance(c.get("total_seconds"), (int, float))]
+    if secs:
+        lines += [f"{len(secs)} finished cells, {sum(secs) / 3600:.2f} h of wall time in total (each cell's "
+                  "metrics.json has its own).", ""]
+    return "\n".join(lines)

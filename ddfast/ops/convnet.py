@@ -269,7 +269,7 @@ class _Conv2d(torch.autograd.Function):
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, stride=1, padding=0,
            dilation=1, groups: int = 1) -> torch.Tensor:
-    """``torch.nn.functional.conv2d`` whose backward is differentiable with ATen's own convolution kernels.
+    r"""``torch.nn.functional.conv2d`` whose backward is differentiable with ATen's own convolution kernels.
 
     PyTorch differentiates a convolution's backward (``create_graph=True``: DATM's unrolled steps, TESLA's second
     pass) with a generic double backward that computes the weight gradient of the gradient as a convolution of

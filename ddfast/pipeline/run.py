@@ -17,7 +17,7 @@ from ..distill.base import SyntheticSet
 from ..evaluate import evaluate_synthetic_set, synset_eval_config
 from ..io import atomic_write_json, atomic_write_text, load_json
 from ..models import MODEL_NAMES
-from ..report import plot_curves, plot_tad_rounds, render_report, save_synset_grid
+from ..report import plot_baseline_curves, plot_curves, plot_tad_rounds, render_report, save_synset_grid
 from .config import RunConfig, UsageError, resolve, resolve_device
 from .stages import (RunContext, RunDir, StageRunner, baseline_stage, check_run_dir, distill_stage, evaluate_stage,
                      limit_test_set, load_data, make_noise, noise_facts, result_dict, say)
@@ -92,7 +92,7 @@ def _start(cfg: RunConfig, argv) -> Optional[RunContext]:
     return ctx
 
 
-def _write_outputs(ctx: RunContext) -> Dict[str, Any]:
+def _write_outputs(ctx: RunContext, results: Dict[str, Any]) -> Dict[str, Any]:
     rd = ctx.rd
     files: Dict[str, Any] = {"out_dir": rd.out, "synset": [SyntheticSet.FILE_TENSORS, SyntheticSet.FILE_META]}
     if not dd.is_main():
@@ -103,6 +103,7 @@ def _write_outputs(ctx: RunContext) -> Dict[str, Any]:
     bounds = [int(r["end_iteration"]) for r in tad_rounds if isinstance(r.get("end_iteration"), (int, float))]
     plots = plot_curves(ctx.distill_facts.get("history", []), rd.plots_dir, round_bounds=bounds[:-1])
     plots.update(plot_tad_rounds(tad_rounds, rd.plots_dir, n_train=len(ctx.train)))
+    plots.update(plot_baseline_curves(results, rd.plots_dir, distilled=results.get("distilled")))
     files["plots"] = {k: os.path.relpath(v, rd.out) for k, v in plots.items()}
     return files
 
@@ -152,7 +153,7 @@ def run(cfg: RunConfig, argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     for name in cfg.baselines:
         results[name] = baseline_stage(ctx, name, protocol)
     ctx.rd.save("timing", {"stages": ctx.runner.stages})
-    files = ctx.runner.timed("report", lambda: _write_outputs(ctx))
+    files = ctx.runner.timed("report", lambda: _write_outputs(ctx, results))
     metrics = _metrics(ctx, results, files, t_start, load_start)
     if dd.is_main():
         atomic_write_json(metrics, ctx.rd.path("metrics.json"))

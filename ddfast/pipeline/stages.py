@@ -476,6 +476,9 @@ def _baseline_key(ctx: RunContext, name: str, subset_cfg) -> Dict[str, Any]:
         opts.pop("random_lr")
         if name != "gce":
             opts.pop("gce_q")
+        if name != "coteaching":
+            opts.pop("coteaching_forget")
+            opts.pop("coteaching_tk")
         key["options"] = opts
     return key
 

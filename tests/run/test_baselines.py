@@ -49,3 +49,55 @@ def test_random_subset_selection_and_result(data):
         B.select_random_subset(noisy.labels, 10_000, 10)
     with pytest.raises(ValueError, match="entries"):
         B.full_noisy(tr, noisy.labels[:10], te, config=CFG)
+
+
+def test_full_data_protocol_reports_last_best_and_early_stopped_epochs(data):
+    """One run records the per-epoch test and held-out curves; the headline is the last epoch, the best epoch
+    (oracle) is the curve's maximum, early stopping picks the epoch of the best held-out noisy-label accuracy."""
+    tr, te, noisy = data
+    r = B.full_noisy(tr, noisy, te, config=CFG.replace(epochs=5), holdout=0.2)
+    ev = r.config
+    assert len(ev["curve"]) == 5 and len(ev["holdout_curve"]) == 5 and ev["epochs_trained"] == 5
+    assert r.accs == [ev["curve"][-1]]
+    assert ev["best_epoch"]["accs"] == [max(ev["curve"])]
+    e = ev["early_stop"]["epochs"][0]
+    assert ev["holdout_curve"][e - 1] == max(ev["holdout_curve"])
+    assert ev["early_stop"]["accs"] == [ev["curve"][e - 1]]
+    n_hold = int(round(0.2 * len(tr.labels)))
+    assert ev["n_holdout"] == n_hold and ev["n_train"] == len(tr.labels) - n_hold
+    # no held-out share: everything trains, no early stopping
+    r0 = B.full_noisy(tr, noisy, te, config=CFG.replace(epochs=2), holdout=0.0)
+    assert "early_stop" not in r0.config and r0.config["n_train"] == len(tr.labels)
+    json.dumps(r.to_dict(), allow_nan=False)
+
+
+def test_holdout_split_is_seeded_and_disjoint():
+    a, b = B.holdout_split(1000, 0.1, seed=3)
+    assert a.numel() == 900 and b.numel() == 100
+    assert torch.equal(torch.sort(torch.cat([a, b])).values, torch.arange(1000))
+    a2, b2 = B.holdout_split(1000, 0.1, seed=3)
+    assert torch.equal(b, b2) and not torch.equal(b, B.holdout_split(1000, 0.1, seed=4)[1])
+    with pytest.raises(ValueError, match="holdout"):
+        B.holdout_split(10, 1.0)
+
+
+def test_noise_rate_estimate_from_losses_alone():
+    """Losses of a clean majority (low) and a flipped share (high), per class: the estimate is close to the share."""
+    g = torch.Generator().manual_seed(0)
+    n, rate = 4000, 0.3
+    labels = torch.randint(0, 5, (n,), generator=g)
+    flipped = torch.rand(n, generator=g) < rate
+    losses = torch.where(flipped, 3.0 + 0.5 * torch.randn(n, generator=g), 0.3 + 0.1 * torch.randn(n, generator=g))
+    est = B.estimate_noise_rate(losses.abs(), labels, 5)
+    assert abs(est - float(flipped.double().mean())) < 0.02
+
+
+def test_coteaching_estimates_its_forget_rate_and_learns_under_heavy_noise(data):
+    tr, te, noisy = data
+    co = B.coteaching(tr, noisy, te, config=CFG.replace(epochs=8), tk=3, holdout=0.1)
+    tau = co.config["forget_rate"][0]
+    assert co.config["forget_rate_source"] == "estimated" and abs(tau - noisy.rate) < 0.2
+    assert len(co.config["curve"]) == 8 and co.config["baseline"] == "coteaching"
+    assert co.mean > 40.0  # digits, 60 % symmetric noise (chance: 10 %)
+    given = B.coteaching(tr, noisy, te, config=CFG.replace(epochs=2), forget_rate=0.5, tk=1)
+    assert given.config["forget_rate"] == [0.5] and given.config["forget_rate_source"] == "given"

@@ -128,14 +128,14 @@ def test_transform_is_applied_to_the_test_set(digits):
 
 def test_schedules():
     cfg = E.EvalConfig(epochs=10, schedule="step")
-    assert [E._lr_factor(cfg, e, 0, 100) for e in (0, 4, 5, 9)] == [1.0, 1.0, 0.1, 0.1]
+    assert [E.lr_factor(cfg, e, 0, 100) for e in (0, 4, 5, 9)] == [1.0, 1.0, 0.1, 0.1]
     cfg = E.EvalConfig(epochs=12, schedule="multistep")
-    assert [E._lr_factor(cfg, e, 0, 100) for e in (0, 7, 8, 10)] == pytest.approx([1.0, 1.0, 0.2, 0.04])
+    assert [E.lr_factor(cfg, e, 0, 100) for e in (0, 7, 8, 10)] == pytest.approx([1.0, 1.0, 0.2, 0.04])
     cfg = E.EvalConfig(epochs=10, schedule="cosine", warmup_steps=10)
-    assert E._lr_factor(cfg, 0, 4, 110) == pytest.approx(0.5)
-    assert E._lr_factor(cfg, 0, 10, 110) == pytest.approx(1.0)
-    assert E._lr_factor(cfg, 0, 60, 110) == pytest.approx(0.5)
-    assert E._lr_factor(cfg, 0, 110, 110) == pytest.approx(0.0, abs=1e-12)
+    assert E.lr_factor(cfg, 0, 4, 110) == pytest.approx(0.5)
+    assert E.lr_factor(cfg, 0, 10, 110) == pytest.approx(1.0)
+    assert E.lr_factor(cfg, 0, 60, 110) == pytest.approx(0.5)
+    assert E.lr_factor(cfg, 0, 110, 110) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_callback_weights_and_errors(digits):

@@ -112,8 +112,36 @@ def test_report_titles_without_label_noise():
     noisy = render_report({"noise": {"spec": "sym:0.4"}, "results": res})
     assert "| random real subset |" in clean and "(noisy labels)" not in clean
     assert "| random real subset (noisy labels) |" in noisy
-    assert baseline_title("full_noisy", "none") == "full training set"
-    assert baseline_title("full_noisy", "asym:0.2") == "full noisy training set"
+    assert baseline_title("full_noisy", "none") == "full training set, last epoch"
+    assert baseline_title("full_noisy", "asym:0.2") == "full noisy training set, last epoch"
+
+
+def test_report_headline_compares_with_the_last_epoch_full_noisy_baseline():
+    """The first sentence compares the distilled set with the full noisy set trained to its last epoch and says
+    so; early stopping and the best epoch (oracle) follow, then the random subset."""
+    from ddfast.report import crossover_rates, render_report, result_row
+
+    ev = {"epochs_trained": 30, "curve": [60.0, 70.0, 65.0],
+          "best_epoch": {"mean": 70.0, "std": 0.0, "accs": [70.0], "epochs": [2]},
+          "early_stop": {"mean": 68.0, "std": 0.0, "accs": [68.0], "epochs": [2]}}
+    res = {"distilled": {"mean": 66.0, "std": 0.5, "accs": [66.0], "n_images": 100},
+           "full_noisy": {"mean": 65.0, "std": 0.0, "accs": [65.0], "n_images": 60000, "eval": ev},
+           "random_subset": {"mean": 40.0, "std": 1.0, "accs": [40.0]}}
+    text = render_report({"noise": {"spec": "sym:0.6"}, "results": res})
+    first = [ln for ln in text.splitlines() if ln.startswith("**")][0]
+    assert "beats training on all 60000 noisy images to the last of 30 epochs" in first and "1.00 points" in first
+    assert "early stopped on held-out noisy labels the full set gives 68.00" in text
+    assert "an oracle that peeks at the clean test labels, 70.00" in text
+    assert result_row(res, "full_noisy@best_epoch")["epochs"] == [2] and result_row(res, "gce") is None
+    # crossover: the lowest rate at which the distilled set beats the last-epoch full noisy set
+    cells = []
+    for spec, d, f in (("none", 80.0, 90.0), ("sym:0.2", 78.0, 85.0), ("sym:0.4", 75.0, 74.0),
+                       ("sym:0.6", 70.0, 60.0), ("asym:0.4", 60.0, 70.0)):
+        cells.append({"method": "datm", "tad": False, "noise": spec, "ipc": 10,
+                      "metrics": {"results": {"distilled": {"mean": d}, "full_noisy": {"mean": f}}}})
+    got = {(c["noise"], c["method"]): c for c in crossover_rates(cells)}
+    assert got[("sym", "DATM")]["crossover"] == 0.4 and got[("sym", "DATM")]["rates"] == [0.0, 0.2, 0.4, 0.6]
+    assert got[("asym", "DATM")]["crossover"] is None
 
 
 def test_finished_run_is_not_recomputed(finished, monkeypatch):
@@ -298,7 +326,7 @@ def test_sweep_table_shape():
     assert lines[0] == "| training data | sym:0.4 @ IPC 10 | asym:0.4 @ IPC 10 |"
     assert lines[2].startswith("| DATM | 70.00 ± 1.00 | **65.00 ± 1.00** |")
     assert lines[3].startswith("| DATM + TAD | **75.00 ± 1.00** | — |")
-    assert any(l.startswith("| full noisy training set | 80.00 ± 0.00 | 78.00 ± 0.00 |") for l in lines)
+    assert any(l.startswith("| full noisy training set, last epoch | 80.00 ± 0.00 | 78.00 ± 0.00 |") for l in lines)
     assert sum(1 for l in lines if l.startswith("| random real subset, DATM protocol")) == 1
 
 
@@ -317,9 +345,9 @@ def test_full_data_baselines_match_ddfast_baselines(tmp_path):
     noisy = corrupt_labels(train.labels, "sym:0.4", 10, seed=0)
     ec = pipeline.BaselineConfig(epochs=1, width=8, num_runs=2).full_eval_config("cpu", 10, 0)
     norm = Normalize(train.mean, train.std)
-    ref = bl.full_noisy(train, noisy, test, config=ec, transform=norm)
+    ref = bl.full_noisy(train, noisy, test, config=ec, transform=norm, holdout=0.1)
     assert m["results"]["full_noisy"]["accs"] == ref.accs
-    ref = bl.gce(train, noisy, test, config=ec, transform=norm, q=0.7)
+    ref = bl.gce(train, noisy, test, config=ec, transform=norm, q=0.7, holdout=0.1)
     assert m["results"]["gce"]["accs"] == ref.accs
 
 
@@ -370,3 +398,24 @@ def test_synset_grid_rows_by_distilled_class_and_frames_drifted_labels(tmp_path)
             assert torch.allclose(centre, torch.full((3,), float(int((i + 1) / (C * ipc) * 255 + 0.5)) / 255), atol=1e-6)
             framed = bool(torch.allclose(px[:, 0, :], red.expand(3, cell)))
             assert framed == (i == 1), (r, c)
+
+
+def test_sweep_extra_cells_and_the_noise_study_example(tmp_path):
+    """``extra`` adds partial grids (missing axes from the main grid), without duplicates, a method's cells
+    together; the shipped noise-study YAML expands to the study's 30 cells."""
+    y = tmp_path / "s.yaml"
+    y.write_text("methods: [datm, dance]\nnoise: ['sym:0.4', 'sym:0.8']\nipc: [10]\ntad: [false]\n"
+                 f"out: {tmp_path / 'out'}\nextra:\n  - {{ipc: [50], noise: ['sym:0.8']}}\n"
+                 "  - {ipc: [10], noise: ['sym:0.4']}\n")
+    cells = sweep.expand_cells(sweep.load_sweep(str(y)))
+    names = [c["name"] for c in cells]
+    assert names == ["datm/sym0.4/ipc10/seed0", "datm/sym0.8/ipc10/seed0", "datm/sym0.8/ipc50/seed0",
+                     "dance/sym0.4/ipc10/seed0", "dance/sym0.8/ipc10/seed0", "dance/sym0.8/ipc50/seed0"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("extra:\n  - {ipcs: [50]}\n")
+    with pytest.raises(UsageError, match="unknown key"):
+        sweep.load_sweep(str(bad))
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    study = sweep.expand_cells(sweep.load_sweep(os.path.join(here, "examples", "noise_study_fmnist.yaml")))
+    assert len(study) == 3 * 8 + 3 * 2
+    assert all(c["config"].baselines == ("full_noisy", "random_subset", "gce", "coteaching") for c in study)
