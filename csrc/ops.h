@@ -113,6 +113,9 @@ inline void check_sample_stats_args(const char* op, const at::Tensor& logits, co
   TORCH_CHECK_VALUE(ema->device() == logits.device(), op, ": ema is on ", ema->device(), " but logits is on ",
                     logits.device());
   TORCH_CHECK_VALUE(momentum >= 0.0 && momentum <= 1.0, op, ": momentum must be in [0, 1], got ", momentum);
+  // updated in place, one element per row: rows sharing memory (stride 0, an expanded tensor) would race
+  TORCH_CHECK_VALUE(ema->size(0) <= 1 || ema->stride(0) != 0, op, ": ema has overlapping memory (stride 0, e.g. an "
+                    "expanded tensor) and is updated in place; pass a tensor with one element per row (.clone())");
 }
 
 inline void check_classwise_gmm_args(const at::Tensor& values, const at::Tensor& labels, int64_t num_classes,

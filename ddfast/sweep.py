@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import time
 import traceback
 from typing import Any, Dict, List, Optional
@@ -87,6 +88,14 @@ def load_sweep(path: str) -> Dict[str, Any]:
         spec[k] = _as_list(spec[k])
         if not spec[k]:
             raise UsageError(f"{path}: '{k}' is empty")
+    ov = spec.get("overrides")
+    if ov is not None and not (isinstance(ov, dict) and all(isinstance(v, dict) for v in ov.values())):
+        raise UsageError(f"{path}: 'overrides' must map sections to settings, e.g. {{baseline: {{epochs: 30}}}}")
+    mo = spec.get("method_overrides")
+    if mo is not None and not (isinstance(mo, dict) and all(
+            isinstance(v, dict) and all(isinstance(x, dict) for x in v.values()) for v in mo.values())):
+        raise UsageError(f"{path}: 'method_overrides' must map methods to sections to settings, e.g. "
+                         "{datm: {distill: {iterations: 400}}}")
     extra = spec.get("extra") or []
     if not isinstance(extra, list) or not all(isinstance(e, dict) for e in extra):
         raise UsageError(f"{path}: 'extra' must be a list of mappings of grid axes {list(GRID_AXES)}")
@@ -99,12 +108,24 @@ def load_sweep(path: str) -> Dict[str, Any]:
             if not e[k]:
                 raise UsageError(f"{path}: 'extra' entry has an empty '{k}'")
     spec["extra"] = extra
+    for grid in [spec] + extra:
+        for k in ("ipc", "seeds"):
+            for v in grid.get(k, []):
+                if isinstance(v, bool) or not isinstance(v, int):
+                    raise UsageError(f"{path}: '{k}' entries must be integers, got {v!r}")
     spec["_path"] = os.path.abspath(path)
     return spec
 
 
+def _path_part(text: str) -> str:
+    """``text`` as one folder name: characters other than letters, digits, ``.``, ``_``, ``-`` become ``_`` (no
+    separators, so a cell folder stays inside ``out`` whatever the spec says), no leading dots."""
+    part = re.sub(r"[^A-Za-z0-9._-]+", "_", text).lstrip(".")
+    return part or "_"
+
+
 def _cell_name(method: str, tad: bool, noise: str, ipc: int, seed: int) -> str:
-    return f"{method}{'-tad' if tad else ''}/{noise.replace(':', '')}/ipc{ipc}/seed{seed}"
+    return f"{_path_part(method)}{'-tad' if tad else ''}/{_path_part(noise.replace(':', ''))}/ipc{ipc}/seed{seed}"
 
 
 def expand_cells(spec: Dict[str, Any]) -> List[Dict[str, Any]]:

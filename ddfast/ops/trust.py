@@ -221,6 +221,9 @@ def sample_stats(logits: Tensor, labels: Tensor, *, ema: Optional[Tensor] = None
             raise ValueError(f"{op}: ema is on {ema.device} but logits is on {logits.device}")
         if ema.requires_grad:
             raise ValueError(f"{op}: ema is updated in place and must not require grad")
+        if n > 1 and ema.stride(0) == 0:
+            raise ValueError(f"{op}: ema has overlapping memory (stride 0, e.g. an expanded tensor) and is updated "
+                             "in place; pass a tensor with one element per row (.clone())")
         momentum = _real(op, "momentum", momentum, lo=0.0, hi=1.0)
     _check_label_range(op, labels, c)
     if labels.dtype != torch.int64:

@@ -19,8 +19,8 @@ from ..io import atomic_write_json, atomic_write_text, load_json
 from ..models import MODEL_NAMES
 from ..report import plot_baseline_curves, plot_curves, plot_tad_rounds, render_report, save_synset_grid
 from .config import RunConfig, UsageError, resolve, resolve_device
-from .stages import (RunContext, RunDir, StageRunner, baseline_stage, check_run_dir, distill_stage, evaluate_stage,
-                     limit_test_set, load_data, make_noise, noise_facts, result_dict, say)
+from .stages import (RunContext, RunDir, RunDirLock, StageRunner, baseline_stage, check_run_dir, distill_stage,
+                     evaluate_stage, limit_test_set, load_data, make_noise, noise_facts, result_dict, say)
 
 __all__ = ["run", "evaluate_dir", "environment_info", "METRICS_SCHEMA"]
 
@@ -74,10 +74,17 @@ def _start(cfg: RunConfig, argv) -> Optional[RunContext]:
     if int(counts.min()) < cfg.ipc:
         c = int(counts.argmin())
         raise UsageError(f"--ipc {cfg.ipc} is larger than class {c} ({int(counts[c])} samples with that label)")
-    resuming = check_run_dir(rd, cfg, argv)
+    lock = RunDirLock(cfg.out).acquire() if dd.is_main() else None
+    try:
+        resuming = check_run_dir(rd, cfg, argv)
+    except BaseException:
+        if lock is not None:
+            lock.release(failed=True)
+        raise
     runner.prev = rd.load("timing")["stages"] if rd.has("timing") else {}
     ctx = RunContext(resolved, rd, runner, train, test, noisy, noise_facts(noisy, cfg.effective_noise_seed),
                      resuming=resuming)
+    ctx.lock = lock
     if resuming:
         if os.path.exists(rd.path("report.md")) and os.path.exists(rd.path("metrics.json")):
             m = load_json(rd.path("metrics.json"))
@@ -145,8 +152,15 @@ def run(cfg: RunConfig, argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """
     t_start, load_start = time.perf_counter(), _loadavg()
     ctx = _start(cfg, argv)
-    if ctx.finished is not None:
-        return ctx.finished
+    try:
+        return ctx.finished if ctx.finished is not None else _run_stages(ctx, t_start, load_start)
+    finally:
+        if ctx.lock is not None:
+            ctx.lock.release()
+
+
+def _run_stages(ctx: RunContext, t_start: float, load_start) -> Dict[str, Any]:
+    cfg = ctx.cfg
     distill_stage(ctx)
     results: Dict[str, Any] = {"distilled": evaluate_stage(ctx)}
     protocol = synset_eval_config(ctx.syn, ctx.r.device, cfg.eval_runs, cfg.seed, ctx.r.eval_overrides)

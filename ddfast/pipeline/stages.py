@@ -17,10 +17,13 @@ Every file is written atomically; under ``torchrun`` rank 0 writes every file.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import platform
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -113,17 +116,18 @@ class StageRunner:
             result = (load or (lambda: self.rd.load(name)))()
             self.stages[name] = dict(self.prev.get(name, {"seconds": result.get("seconds")}), resumed=True)
             return result, "resumed"
-        hit = _read_cache(*cache) if cache is not None else None
-        if hit is not None:
-            self.stages[name] = {"seconds": 0.0, "peak_memory_bytes": peak_memory_bytes(self.device), "cached": True,
-                                 "original_seconds": hit.get("seconds")}
-            self.rd.save(name, hit)
-            return hit, "cached"
-        result = self.timed(name, compute)
-        self.rd.save(name, result)
-        self.save_timing()
-        if cache is not None and dd.is_main():
-            atomic_write_json({"key": cache[1], "result": result}, cache[0])
+        with cache_entry_lock(cache[0]) if cache is not None else contextlib.nullcontext():
+            hit = _read_cache(*cache) if cache is not None else None
+            if hit is not None:
+                self.stages[name] = {"seconds": 0.0, "peak_memory_bytes": peak_memory_bytes(self.device),
+                                     "cached": True, "original_seconds": hit.get("seconds")}
+                self.rd.save(name, hit)
+                return hit, "cached"
+            result = self.timed(name, compute)
+            self.rd.save(name, result)
+            self.save_timing()
+            if cache is not None and dd.is_main():
+                atomic_write_json({"key": cache[1], "result": result}, cache[0])
         return result, "computed"
 
 
@@ -154,6 +158,7 @@ class RunContext:
     finished: Optional[Dict[str, Any]] = None
     syn: Optional[SyntheticSet] = None
     distill_facts: Dict[str, Any] = field(default_factory=dict)
+    lock: Optional["RunDirLock"] = None
 
     @property
     def cfg(self) -> RunConfig:
@@ -171,6 +176,83 @@ def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+LOCK_FILE = ".ddfast.lock"
+
+
+class RunDirLock:
+    """An exclusive lock on a run directory for one process (``OUT/.ddfast.lock``, an OS file lock via ``filelock``,
+    released when the process ends, however it ends); ``OUT/.ddfast.lock.owner`` says who holds it.
+
+    Raises (from :meth:`acquire`):
+        UsageError: another process holds it (named), or ``OUT`` cannot be created (the reason named).
+    """
+
+    def __init__(self, out: str):
+        self.out = out
+        self.path = os.path.join(out, LOCK_FILE)
+        self.created = False
+        self._lock = None
+
+    def acquire(self) -> "RunDirLock":
+        from filelock import FileLock, Timeout
+
+        self.created = not os.path.exists(self.out)
+        try:
+            os.makedirs(self.out, exist_ok=True)
+            lock = FileLock(self.path)
+            lock.acquire(timeout=0)
+        except Timeout:
+            try:
+                with open(self.path + ".owner", encoding="utf-8") as f:
+                    owner = f.read().strip()
+            except OSError:
+                owner = "owner unknown"
+            raise UsageError(f"--out {self.out} is in use by another ddfast process ({owner}); wait for it to finish "
+                             "or choose another --out") from None
+        except OSError as exc:
+            raise UsageError(f"--out {self.out}: cannot write there ({exc.strerror or exc})") from None
+        self._lock = lock
+        try:
+            with open(self.path + ".owner", "w", encoding="utf-8") as f:
+                f.write(f"pid {os.getpid()} on {platform.node()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        except OSError:
+            pass
+        return self
+
+    def release(self, failed: bool = False) -> None:
+        """Releases the lock; after a failure before any work, also removes a directory this lock created."""
+        if self._lock is None:
+            return
+        for p in (self.path + ".owner",):
+            try:
+                os.remove(p)
+            except OSError:
+                pass
+        self._lock.release()
+        self._lock = None
+        if failed and self.created:
+            try:
+                for p in (self.path,):
+                    os.remove(p)
+                os.rmdir(self.out)
+            except OSError:
+                pass
+
+
+@contextlib.contextmanager
+def cache_entry_lock(path: str):
+    """Serialises the computation of one cross-run cache entry (``PATH.lock``): a second process needing the same
+    entry waits, then reads what the first wrote."""
+    from filelock import FileLock
+
+    if not dd.is_main():
+        yield
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with FileLock(path + ".lock"):
+        yield
 
 
 def check_run_dir(rd: RunDir, cfg: RunConfig, argv: Optional[List[str]]) -> bool:
@@ -252,14 +334,24 @@ def _read_label_file(path: str, n: int) -> torch.Tensor:
                 raise ValueError(f"holds {sorted(t)}; expected one tensor or 'labels'")
             arr = t[key]
         elif path.endswith((".pt", ".pth")):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+            except OSError:
+                raise
+            except Exception:  # noqa: BLE001 - corrupt, or objects other than tensors (never loaded unsafely)
+                raise ValueError("not a file of plain tensors (torch.load with weights_only=True refused it); save "
+                                 "the labels as a tensor with torch.save, or as .npy / .safetensors / .txt") from None
             if isinstance(obj, dict):
                 obj = obj.get("labels", obj.get("noisy_labels"))
             arr = torch.as_tensor(obj)
         else:
-            arr = torch.as_tensor(np.loadtxt(path, dtype=np.int64, delimiter=None if not path.endswith(".csv") else ","))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # numpy warns on an empty file; the size check below says it
+                arr = torch.as_tensor(np.loadtxt(path, dtype=np.int64, ndmin=1,
+                                                 delimiter=None if not path.endswith(".csv") else ","))
     except (OSError, ValueError, RuntimeError, TypeError) as exc:
-        raise UsageError(f"--label-file {path}: cannot read labels ({exc})") from None
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+        raise UsageError(f"--label-file {path}: cannot read labels ({reason})") from None
     arr = arr.reshape(-1)
     if arr.is_floating_point() or arr.numel() != n:
         raise UsageError(f"--label-file {path}: expected {n} integer labels, got {arr.numel()} {arr.dtype}")

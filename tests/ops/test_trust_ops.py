@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import ddfast.ops as ops
+from ddfast import _extension
 from ddfast.ops import trust as trust_mod
 from ddfast.ops._reference import trust as ref
 
@@ -162,6 +163,21 @@ def test_sample_stats_ema_in_place(device, ema_dtype, momentum):
     want = momentum * old.cpu().double() + (1 - momentum) * exp[0]
     torch.testing.assert_close(ema.cpu().double(), want, **tol(torch.float32, 10.0))  # loss is float32 here
     assert torch.equal(buf[1::2], other)  # untouched interleaved elements
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sample_stats_ema_with_overlapping_memory_is_refused(device):
+    """An expanded ema (every row the same element) would be written by every row: both paths refuse it, the
+    compiled op too when called directly, and nothing is written."""
+    z, y = make_logits(6, 4, torch.float32, device)
+    one = torch.zeros(1, device=device)
+    with pytest.raises(ValueError, match="overlapping memory"):
+        ops.sample_stats(z, y, ema=one.expand(6))
+    if _extension.use_kernel(z):
+        with pytest.raises(ValueError, match="overlapping memory"):
+            torch.ops.ddfast.sample_stats_ema_(z, y, one.expand(6), 0.9)
+    assert float(one) == 0.0
+    ops.sample_stats(z[:1], y[:1], ema=one.expand(1))  # one row: no overlap
 
 
 @pytest.mark.parametrize("device", DEVICES)

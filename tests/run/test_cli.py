@@ -265,3 +265,35 @@ overrides: {distill: {iterations: 1}, eval: {epochs: 1}}
     assert cli.main(["sweep", "s.yaml"]) == 0
     out = capsys.readouterr().out
     assert out.count("done earlier, skipped") == 2 and "| training data | sym:0.4 @ IPC 2 |" in out
+
+
+def test_bad_label_files_one_line_naming_the_option(tmp_path, monkeypatch, capsys):
+    """A corrupt or malicious .pt label file names --label-file and never suggests unsafe loading; an empty .txt
+    file gives one line without library warnings."""
+    import pickle
+
+    monkeypatch.chdir(tmp_path)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps(Evil()))
+    (tmp_path / "garbage.pt").write_bytes(b"\x00not a torch file")
+    (tmp_path / "empty.txt").write_text("")
+    for name in ("evil.pt", "garbage.pt", "empty.txt"):
+        rc = cli.main(["run", "--dataset", "digits", "--noise", "file", "--label-file", name, "--out", "r"])
+        cap = capsys.readouterr()
+        lines = cap.err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1, cap.err
+        assert "--label-file" in lines[0] and "weights_only=False" not in lines[0] and "pwned" not in cap.out
+        assert not (tmp_path / "r").exists()
+
+
+def test_unwritable_out_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    rc = cli.main(["run", "--dataset", "digits", "--method", "fake", "--ipc", "2", "--baselines", "none",
+                   "--out", "afile/sub", "-O", "distill.iterations=1", "-O", "eval.epochs=1", "--quiet"])
+    cap = capsys.readouterr()
+    assert rc == 2 and len(cap.err.strip().splitlines()) == 1 and "afile/sub" in cap.err

@@ -308,6 +308,22 @@ def test_sweep_file_errors(tmp_path):
     bad.write_text("methodz: [datm]\n")
     with pytest.raises(UsageError, match="unknown key"):
         sweep.load_sweep(str(bad))
+    for text, match in (("overrides: [1, 2]\n", "'overrides' must map"),
+                        ("method_overrides: {datm: 3}\n", "'method_overrides' must map"),
+                        ("ipc: [abc]\n", "'ipc' entries must be integers"),
+                        ("extra:\n  - {seeds: [x]}\n", "'seeds' entries must be integers")):
+        bad.write_text(text)
+        with pytest.raises(UsageError, match=match):
+            sweep.load_sweep(str(bad))
+
+
+def test_sweep_cell_folders_stay_inside_out(tmp_path):
+    y = tmp_path / "s.yaml"
+    y.write_text(f"noise: ['human:/../../../x', 'sym:0.4']\ntad: [false]\nout: {tmp_path / 'out'}\n")
+    for c in sweep.expand_cells(sweep.load_sweep(str(y))):
+        out = os.path.realpath(c["out"])
+        assert out.startswith(os.path.realpath(tmp_path / "out") + os.sep), out
+        assert ".." not in c["name"].split("/")
 
 
 def test_sweep_table_shape():
@@ -419,3 +435,38 @@ def test_sweep_extra_cells_and_the_noise_study_example(tmp_path):
     study = sweep.expand_cells(sweep.load_sweep(os.path.join(here, "examples", "noise_study_fmnist.yaml")))
     assert len(study) == 3 * 8 + 3 * 2
     assert all(c["config"].baselines == ("full_noisy", "random_subset", "gce", "coteaching") for c in study)
+
+
+def test_a_run_directory_is_locked_while_a_process_works_in_it(tmp_path):
+    """A second process in the same --out gets one line naming the holder and the directory is left as it was; the
+    lock goes with its holder; a failed claim of a new directory leaves nothing behind."""
+    import subprocess
+    import sys
+
+    from ddfast.pipeline.stages import LOCK_FILE, RunDirLock
+
+    out = tmp_path / "r"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from ddfast.pipeline.stages import RunDirLock; "
+        f"lock = RunDirLock({str(out)!r}).acquire(); print('locked', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = sorted(os.listdir(out))
+        with pytest.raises(UsageError, match=r"in use by another ddfast process \(pid \d+"):
+            pipeline.run(_cfg(out))
+        assert sorted(os.listdir(out)) == before  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    m = pipeline.run(_cfg(out))  # the lock died with its holder
+    assert m["complete"] and not os.path.exists(out / (LOCK_FILE + ".owner"))
+    # a directory that cannot be created: one line naming --out
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(UsageError, match="cannot write there"):
+        RunDirLock(str(blocker / "sub")).acquire()
+    # a failed claim of a new directory removes it
+    lock = RunDirLock(str(tmp_path / "new")).acquire()
+    lock.release(failed=True)
+    assert not (tmp_path / "new").exists()
