@@ -328,6 +328,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _quiet_openmp()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("DDFAST_DEBUG", "0") not in ("", "0")
+    from .io import WriteError
     from .pipeline import UsageError
 
     try:
@@ -346,7 +347,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print("ddfast: interrupted; run the same command again to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (UsageError, FileNotFoundError) as exc:
+    except (UsageError, FileNotFoundError, WriteError) as exc:
         if debug:
             raise
         print(f"ddfast: error: {_one_line(exc)}", file=sys.stderr)

@@ -10,14 +10,17 @@ checkpoints that hold optimiser states go through ``torch.save`` and are read ba
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
 from typing import Any, Dict, Iterator
 
 import torch
 
 __all__ = [
+    "WriteError",
     "atomic_open",
     "atomic_write_text",
     "atomic_write_json",
@@ -33,23 +36,57 @@ __all__ = [
 ]
 
 
+class WriteError(OSError):
+    """A file could not be written (disk full, quota, read-only or unwritable folder); the message names the file
+    and the folder. The command line reports it in one line with exit status 2."""
+
+
+_WRITE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                 errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                 errno.EPERM: "operation not permitted"}
+
+
+def _write_error(path: str, exc: BaseException) -> "WriteError | None":
+    """A :class:`WriteError` for ``exc`` raised while writing ``path`` (an OSError with a write errno, or the
+    error torch's zip writer raises when the device is full), else None."""
+    directory = os.path.dirname(os.path.abspath(path))
+    why = _WRITE_ERRNOS.get(exc.errno) if isinstance(exc, OSError) else None
+    if why is None and isinstance(exc, RuntimeError):
+        with contextlib.suppress(OSError):
+            if shutil.disk_usage(directory).free < (1 << 20):
+                why = "no space left on the device"
+    if why is None:
+        return None
+    return WriteError(getattr(exc, "errno", None) or errno.EIO,
+                      f"cannot write {path}: {why} (folder {directory}); free space or choose another folder")
+
+
 @contextlib.contextmanager
 def atomic_open(path: str, mode: str = "w", **kwargs) -> Iterator[Any]:
     """Opens a temporary file next to ``path``; on a clean exit it is flushed, fsynced and renamed onto
-    ``path``; on an exception it is removed and ``path`` is untouched."""
+    ``path``; on an exception it is removed and ``path`` is untouched.
+
+    Raises:
+        WriteError: the disk or quota is full, or the folder is read-only / not writable (file and folder named).
+    """
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    tmp = None
     try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the final file the usual permissions
         with os.fdopen(fd, mode, **kwargs) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
+    except BaseException as exc:
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+        err = _write_error(path, exc) if isinstance(exc, Exception) else None
+        if err is not None:
+            raise err from None
         raise
 
 

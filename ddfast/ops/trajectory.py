@@ -10,7 +10,7 @@ otherwise. Autograd and fake (meta) kernels are registered here, so the ops work
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 
@@ -51,6 +51,24 @@ def _check_triplet(op: str, names, tensors) -> None:
         raise ValueError(f"{op}: the parameter dimension P is 0 (shape {tuple(first.shape)}); the loss would be 0/0")
 
 
+def _check_finite(op: str, values: torch.Tensor, names, tensors, lr: Optional[torch.Tensor] = None) -> None:
+    """Raises ``ValueError`` naming the argument (and batch row) when a result row is NaN or inf -- the same on
+    every backend. One host read of a boolean per call; skipped while ``torch.compile`` traces."""
+    if values.numel() == 0 or torch.compiler.is_compiling():
+        return
+    finite = torch.isfinite(values)
+    if bool(finite.all()):
+        return
+    row = int(torch.nonzero(~finite).flatten()[0])
+    if lr is not None and not bool(torch.isfinite(lr[row])):
+        raise ValueError(f"{op}: lr is NaN or inf (batch row {row})")
+    for name, t in zip(names, tensors):
+        if not bool(torch.isfinite(t[row]).all()):
+            raise ValueError(f"{op}: {name} has NaN or inf values in batch row {row}")
+    raise ValueError(f"{op}: the squared distances overflow {tensors[0].dtype} in batch row {row} although the "
+                     "inputs are finite; use a wider dtype")
+
+
 def trajectory_matching_loss(student: torch.Tensor, start: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     r"""Normalised parameter distance of trajectory matching (MTT eq. 2; DATM, FTD, TESLA).
 
@@ -77,10 +95,11 @@ def trajectory_matching_loss(student: torch.Tensor, start: torch.Tensor, target:
 
     Raises:
         TypeError: an argument is not a tensor, or has an unsupported or mismatched dtype.
-        ValueError: wrong rank, mismatched shapes or devices, ``P == 0``, or a row with ``start == target``
-            (``||start - target||^2 == 0``: the loss is undefined; never returned as NaN/inf). Under
-            ``torch.compile`` without the extension the last check is an asynchronous assertion
-            (``RuntimeError``).
+        ValueError: wrong rank, mismatched shapes or devices, ``P == 0``, a row with ``start == target``
+            (``||start - target||^2 == 0``: the loss is undefined), or NaN / inf in an argument (named, with the
+            row) or an overflowing sum -- never returned as NaN / inf, on every backend. Under ``torch.compile``
+            the zero-distance check is an asynchronous assertion (``RuntimeError``) and the finiteness check is
+            skipped.
 
     Example::
 
@@ -96,9 +115,11 @@ def trajectory_matching_loss(student: torch.Tensor, start: torch.Tensor, target:
         out = student.new_zeros((0,)) + (student.sum(-1) + start.sum(-1) + target.sum(-1))  # keeps autograd
         return out
     if _extension.use_kernel(student, start, target):
-        loss = torch.ops.ddfast.trajectory_matching_loss_forward(student, start, target)[0]
+        loss, num, den = torch.ops.ddfast.trajectory_matching_loss_forward(student, start, target)
     else:
-        loss = _reference.trajectory.trajectory_matching_loss(student, start, target)
+        loss, num, den = _reference.trajectory.trajectory_matching_terms(student, start, target)
+    # num and den, not the loss: inf in start alone gives a finite loss (x / inf = 0)
+    _check_finite(op, (num + den).detach(), ("student", "start", "target"), (student, start, target))
     return loss.squeeze(0) if unbatched else loss
 
 
@@ -135,7 +156,8 @@ def tesla_quantities(start: torch.Tensor, target: torch.Tensor, grad_sum: torch.
 
     Raises:
         TypeError / ValueError: as :func:`trajectory_matching_loss` (naming the argument); ``lr`` of the wrong
-        shape or device; a row with ``start == target``.
+        shape or device, or NaN / inf; a row with ``start == target``; NaN / inf in ``start``, ``target`` or
+        ``grad_sum`` (named).
     """
     op = "tesla_quantities"
     _check_triplet(op, ("start", "target", "grad_sum"), (start, target, grad_sum))
@@ -168,6 +190,8 @@ def tesla_quantities(start: torch.Tensor, target: torch.Tensor, grad_sum: torch.
         loss, step, grad_lr = torch.ops.ddfast.tesla_quantities(start, target, grad_sum, lr_t.contiguous())
     else:
         loss, step, grad_lr = _reference.trajectory.tesla_quantities(start, target, grad_sum, lr_t)
+    _check_finite(op, torch.stack([loss, grad_lr]).sum(0), ("start", "target", "grad_sum"), (start, target, grad_sum),
+                  lr=lr_t)
     if unbatched:
         loss, step, grad_lr = loss.squeeze(0), step.squeeze(0), grad_lr.squeeze(0)
     return TeslaQuantities(loss, step, grad_lr)

@@ -414,7 +414,8 @@ def anchor_distances(features: Tensor, anchors: Tensor, precision: Optional[Tens
     Raises:
         TypeError: non-tensor inputs or a dtype other than float32/float64, dtypes that differ.
         ValueError: wrong ranks, feature dimensions that differ, a precision that is not ``[D, D]``, devices
-            that differ, ``eps <= 0``.
+            that differ, ``eps <= 0``; NaN or inf in an input (named) or distances that overflow (never returned
+            as NaN / inf; one host read of a boolean per call).
     """
     op = "anchor_distances"
     check_tensor(op, "features", features, dims=(2,), dtypes=FLOAT_DTYPES)
@@ -435,6 +436,13 @@ def anchor_distances(features: Tensor, anchors: Tensor, precision: Optional[Tens
         out = torch.ops.ddfast.anchor_distances(features, anchors, precision, eps)
     else:
         out = _ref.anchor_distances(features, anchors, precision, eps)
+    if not torch.compiler.is_compiling() and out[0].numel() and not bool(
+            torch.isfinite(out[0]).all() & torch.isfinite(out[1]).all()):
+        for name, t in (("features", features), ("anchors", anchors), ("precision", precision)):
+            if t is not None and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{op}: {name} has NaN or inf values")
+        raise ValueError(f"{op}: the distances overflow {features.dtype} although the inputs are finite; use "
+                         "float64 or smaller features")
     return AnchorDistances(out[0], out[1])
 
 

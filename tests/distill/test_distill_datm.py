@@ -385,3 +385,15 @@ def test_synthetic_set_roundtrip_and_protocol(digits, cache, tmp_path):
     torch.testing.assert_close(tr(train.images[:5]), d.transform(train.images[:5]))
     r = evaluate_synthetic_set(back, test, epochs=5, runs=1)
     assert 0 <= r.mean <= 100
+
+
+def test_a_warning_is_printed_once():
+    """DATM's warnings reach stderr once (warnings.warn), not a second time through logging's last resort."""
+    import subprocess
+    import sys
+
+    code = ("from ddfast.distill.datm import DATM, preset_config\n"
+            "DATM(preset_config('quick', 'digits', 1), device='cpu', quiet=True)._warn('probe-message')\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.count("probe-message") == 1, p.stderr

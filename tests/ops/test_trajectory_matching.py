@@ -176,6 +176,30 @@ def test_identical_start_and_target_raises_naming_the_row(path, device):
         tesla_quantities(e, t, s, 0.1)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_inputs_raise_naming_the_argument_on_every_backend(path, device, bad):
+    """NaN / inf anywhere in an argument: a ValueError naming it and the row, on the kernel and the reference
+    alike (never a NaN loss, never the misleading zero-distance message)."""
+    args = {n: randn((3, 40), device=device, seed=k) for k, n in enumerate(("student", "start", "target"))}
+    for name in args:
+        a = {k: v.clone() for k, v in args.items()}
+        a[name][2, 7] = bad
+        with pytest.raises(ValueError, match=rf"{name} has NaN or inf values in batch row 2"):
+            trajectory_matching_loss(a["student"], a["start"], a["target"])
+    for name, key in (("start", "start"), ("target", "target"), ("grad_sum", "student")):
+        a = {k: v.clone() for k, v in args.items()}
+        a[key][1, 3] = bad
+        with pytest.raises(ValueError, match=rf"{name} has NaN or inf values in batch row 1"):
+            tesla_quantities(a["start"], a["target"], a["student"], 0.1)
+    with pytest.raises(ValueError, match="lr is NaN or inf"):
+        tesla_quantities(args["start"], args["target"], args["student"], bad)
+    # finite inputs whose squared distance overflows float32
+    big = randn((1, 40), device=device, seed=9, scale=1e30)
+    with pytest.raises(ValueError, match="overflow"):
+        trajectory_matching_loss(big, -big, big * 0.5)
+
+
 def test_argument_errors(path):
     x = torch.randn(3, 4)
     with pytest.raises(ValueError, match="student must be 1-D or 2-D"):

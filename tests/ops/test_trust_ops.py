@@ -623,6 +623,20 @@ def test_anchor_distances_errors():
         ops.anchor_distances(f, a, eps=0.0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reference", [False, True])
+def test_anchor_distances_non_finite_inputs_are_named(device, reference, monkeypatch):
+    """NaN / inf in any input: the same ValueError naming it on the kernel and the reference."""
+    if reference:
+        monkeypatch.setattr(trust_mod, "_use_kernel", lambda *a: False)
+    f, a, p = torch.randn(4, 3, device=device), torch.randn(2, 3, device=device), torch.eye(3, device=device)
+    for name, bad in (("features", float("inf")), ("anchors", float("nan")), ("precision", float("inf"))):
+        args = {"features": f.clone(), "anchors": a.clone(), "precision": p.clone()}
+        args[name][1, 1] = bad
+        with pytest.raises(ValueError, match=f"{name} has NaN or inf"):
+            ops.anchor_distances(args["features"], args["anchors"], args["precision"])
+
+
 @needs_kernels
 @pytest.mark.parametrize("device", DEVICES)
 def test_anchor_distances_opcheck(device):

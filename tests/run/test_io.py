@@ -1,4 +1,5 @@
-"""Tests of ddfast.io: atomic writes, safetensors + JSON metadata, safe torch.load."""
+"""Tests of ddfast.io: atomic writes, safetensors + JSON metadata, safe torch.load, write errors."""
+import json
 import os
 
 import pytest
@@ -53,3 +54,55 @@ def test_json_and_torch_load_safety(tmp_path):
         io.load_torch(q)
     io.atomic_save_torch({"w": torch.ones(2)}, q)
     assert torch.equal(io.load_torch(q)["w"], torch.ones(2))
+
+
+def test_a_full_disk_names_the_file_and_the_folder(tmp_path, monkeypatch):
+    """ENOSPC while writing (or torch's zip writer failing on a full device): a WriteError naming the file and
+    its folder; the old file is kept and no temporary file is left."""
+    import collections
+    import errno
+
+    from ddfast import io as dio
+
+    target = tmp_path / "m.json"
+    dio.atomic_write_json({"a": 1}, str(target))
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dio.os, "fsync", full)
+    with pytest.raises(dio.WriteError, match=r"cannot write .*m\.json: no space left on the device \(folder "):
+        dio.atomic_write_json({"a": 2}, str(target))
+    monkeypatch.undo()
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(dio.shutil, "disk_usage", lambda d: usage(100, 100, 0))
+    monkeypatch.setattr(dio.torch, "save", lambda *a, **k: (_ for _ in ()).throw(
+        RuntimeError("[enforce fail at inline_container.cc:671] . unexpected pos 64 vs 0")))
+    with pytest.raises(dio.WriteError, match=r"ckpt\.pt: no space left"):
+        dio.atomic_save_torch({"x": torch.zeros(3)}, str(tmp_path / "ckpt.pt"))
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
+def test_cli_reports_a_full_disk_in_one_line(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import _ddfast_fake
+
+    from ddfast import cli
+    from ddfast import io as dio
+
+    _ddfast_fake.register()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DDFAST_CACHE", str(tmp_path / "cache"))
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dio.os, "fsync", full)
+    rc = cli.main(["run", "--dataset", "digits", "--method", "fake", "--ipc", "2", "--baselines", "none",
+                   "--out", "r", "-O", "distill.iterations=1", "-O", "eval.epochs=1", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "no space left" in err[0] and "folder" in err[0], err

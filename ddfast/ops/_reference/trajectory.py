@@ -27,14 +27,25 @@ def check_denominator(den: torch.Tensor, op: str) -> None:
     if den.numel() == 0:
         return
     if torch.compiler.is_compiling():
-        torch._assert_async(torch.all(den > 0), f"{op}: start == target (||start - target||^2 == 0) in some row")
+        torch._assert_async(torch.all(den != 0), f"{op}: start == target (||start - target||^2 == 0) in some row")
         return
-    bad = torch.nonzero(~(den > 0)).flatten()
+    bad = torch.nonzero(den == 0).flatten()  # NaN / inf rows are named by the public op's finiteness check
     if bad.numel() > 0:
         raise ValueError(
             f"{op}: start and target are identical in batch row {int(bad[0])} (||start - target||^2 == 0), "
             "so the normalised distance is undefined; pass an expert segment whose start and target differ"
         )
+
+
+def trajectory_matching_terms(student: torch.Tensor, start: torch.Tensor, target: torch.Tensor):
+    """``(loss, num, den)``: :func:`trajectory_matching_loss` with its numerator ``||student - target||^2`` and
+    denominator ``||start - target||^2`` (accumulation dtype), as the compiled forward returns them."""
+    acc = accumulation_dtype(student.dtype)
+    s, e, t = student.to(acc), start.to(acc), target.to(acc)
+    num = (s - t).square().sum(-1)
+    den = (e - t).square().sum(-1)
+    check_denominator(den, "trajectory_matching_loss")
+    return (num / den).to(student.dtype), num, den
 
 
 def trajectory_matching_loss(student: torch.Tensor, start: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -43,12 +54,7 @@ def trajectory_matching_loss(student: torch.Tensor, start: torch.Tensor, target:
     ``[B, P] -> [B]`` (or ``[P] -> []``), in the inputs' dtype, accumulated in float32 (float64 for float64).
     Raises ``ValueError`` when a row has ``start == target``.
     """
-    acc = accumulation_dtype(student.dtype)
-    s, e, t = student.to(acc), start.to(acc), target.to(acc)
-    num = (s - t).square().sum(-1)
-    den = (e - t).square().sum(-1)
-    check_denominator(den, "trajectory_matching_loss")
-    return (num / den).to(student.dtype)
+    return trajectory_matching_terms(student, start, target)[0]
 
 
 def tesla_quantities(start: torch.Tensor, target: torch.Tensor, grad_sum: torch.Tensor,
