@@ -62,12 +62,14 @@ from .evaluate import (EvalConfig, EvalResult, evaluate_model, evaluate_synset, 
 from .models import get_model
 from .ops import classwise_gmm
 
-__all__ = ["BASELINES", "DEFAULT_BASELINES", "BaselineConfig", "run_baseline", "describe_baseline", "full_clean",
+__all__ = ["BASELINES", "DEFAULT_BASELINES", "DECODED_SUBSET", "multi_formation", "BaselineConfig", "run_baseline", "describe_baseline", "full_clean",
            "full_noisy", "random_subset", "gce", "coteaching", "select_random_subset", "holdout_split",
            "estimate_noise_rate"]
 
 #: every baseline ``ddfast run --baselines`` accepts
 BASELINES = ("full_noisy", "random_subset", "gce", "coteaching", "full_clean")
+#: run beside ``random_subset`` when the distilled set uses multi-formation (DANCE / IDC, ``factor > 1``)
+DECODED_SUBSET = "random_subset_decoded"
 #: the baselines of a run unless the user chooses (the clean oracle needs clean labels)
 DEFAULT_BASELINES = ("full_noisy", "random_subset", "gce", "coteaching")
 
@@ -368,25 +370,54 @@ def select_random_subset(labels: torch.Tensor, ipc: int, num_classes: int, seed:
     return torch.cat(out)
 
 
+def multi_formation(images: torch.Tensor, ipc: int, factor: int, num_classes: int) -> torch.Tensor:
+    """Real images stored and decoded as a multi-formation synthetic set is (IDC, Kim et al., ICML 2022, §3.2; the
+    equal-storage random baseline of its tables): per class, ``factor^2`` real images are resized into the tiles of
+    one stored image (:func:`ddfast.distill.dance.mix_tiles`) and every stored image is decoded back into
+    ``factor^2`` training images (:func:`ddfast.distill.dance.decode`).
+
+    Args:
+        images: ``float [num_classes * ipc * factor^2, C, H, W]``, class by class (as :func:`select_random_subset`
+            returns them for ``ipc * factor^2``).
+
+    Returns:
+        ``float [num_classes * ipc * factor^2, C, H, W]``, class by class: what training sees.
+    """
+    from .distill.dance import decode, mix_tiles
+
+    per = ipc * factor * factor
+    if images.shape[0] != num_classes * per:
+        raise ValueError(f"images must hold {num_classes} x {per} images, got {images.shape[0]}")
+    with torch.no_grad():
+        return torch.cat([decode(mix_tiles(images[c * per:(c + 1) * per], ipc, factor), factor)
+                          for c in range(num_classes)])
+
+
 def random_subset(train, noisy_labels, test, ipc: int, *, config: Optional[EvalConfig] = None, transform=None,
-                  seed: int = 0, run_callback: Optional[Callable[[int], None]] = None, **overrides) -> EvalResult:
-    """``ipc`` random real images per noisy class with their noisy labels (same size as a distilled set).
+                  seed: int = 0, run_callback: Optional[Callable[[int], None]] = None, factor: int = 1,
+                  **overrides) -> EvalResult:
+    """``ipc`` random real images per noisy class with their noisy labels: the storage of a distilled set.
 
     Run k (of ``num_runs``) draws its own subset with seed ``seed + k`` and trains one network on it with
     ``config.seed + k``, so the spread includes the choice of the subset. Under ``torchrun`` the runs are
     spread over the ranks (the results are those of the single-process loop). ``config`` records the mean
     share of clean labels in the subsets (when the clean mask is known). ``run_callback(k)`` after each run
-    (progress).
+    (progress). With ``factor > 1`` each stored image holds ``factor^2`` random real images and training sees
+    them decoded (:func:`multi_formation`): the same storage and decoding as a multi-formation distilled set.
     """
     labels, spec, rate, clean = _labels_of(noisy_labels)
     _check_train(train, labels)
     cfg = (config or EvalConfig()).replace(**overrides).validate()
+    f = int(factor)
+    if f < 1:
+        raise ValueError(f"factor must be >= 1, got {factor!r}")
     t0 = time.perf_counter()
     mine: Dict[int, Any] = {}
     for k in dd.shard_indices(cfg.num_runs):
-        idx = select_random_subset(labels, ipc, train.num_classes, seed=seed + k)
+        idx = select_random_subset(labels, ipc * f * f, train.num_classes, seed=seed + k)
         share = float(clean[idx].double().mean()) if clean is not None else None
-        r = evaluate_synset(train.images[idx], labels[idx], test, config=cfg, transform=transform,
+        images = train.images[idx] if f == 1 else multi_formation(train.images[idx], ipc, f, train.num_classes)
+        r = evaluate_synset(images, labels[idx], test, config=cfg, transform=transform,
                             num_classes=train.num_classes, num_runs=1, seed=cfg.seed + k)
         mine[k] = (r.accs[0], r.config, share)
         if run_callback is not None:
@@ -394,7 +425,8 @@ def random_subset(train, noisy_labels, test, ipc: int, *, config: Optional[EvalC
     got = dd.gather_by_index(cfg.num_runs, mine)
     res = EvalResult.from_accs([g[0] for g in got], max(dd.all_gather_object(time.perf_counter() - t0)),
                                {**got[0][1], "num_runs": cfg.num_runs})
-    info: Dict[str, Any] = {"baseline": "random_subset", "ipc": ipc, "subset_seed": seed, "noise": spec,
+    info: Dict[str, Any] = {"baseline": "random_subset" if f == 1 else "random_subset_decoded", "ipc": ipc,
+                            "factor": f, "n_stored": ipc * train.num_classes, "subset_seed": seed, "noise": spec,
                             "noise_rate": rate}
     shares = [g[2] for g in got if g[2] is not None]
     if shares:
@@ -405,11 +437,14 @@ def random_subset(train, noisy_labels, test, ipc: int, *, config: Optional[EvalC
 def describe_baseline(name: str, config: BaselineConfig, result: EvalResult, *, ipc: Optional[int] = None,
                       noise_spec: str = "") -> str:
     """One line saying what a baseline row trained and which protocol it reports (for reports)."""
-    if name == "random_subset":
+    if name in ("random_subset", DECODED_SUBSET):
         share = result.config.get("subset_clean_share")
         share = f", {100 * share:.0f} % of their labels correct" if share is not None else ""
-        return (f"{ipc} random real images per {'class' if noise_spec == 'none' else 'noisy class'}{share}; the "
-                f"method's protocol, lr {float(result.config.get('lr', 0.0)):g}")
+        f = int(result.config.get("factor", 1))
+        what = "class" if noise_spec == "none" else "noisy class"
+        how = (f"{ipc} random real images per {what}" if f == 1 else
+               f"{ipc} stored images per {what}, each {f * f} random real images decoded as the distilled set's")
+        return f"{how}{share}; the method's protocol, lr {float(result.config.get('lr', 0.0)):g}"
     what = {"full_noisy": "noisy labels, cross entropy", "full_clean": "clean labels (oracle), cross entropy",
             "gce": f"noisy labels, GCE loss (q={config.gce_q})", "coteaching": "noisy labels, Co-teaching"}[name]
     if name == "coteaching":
@@ -424,7 +459,7 @@ def describe_baseline(name: str, config: BaselineConfig, result: EvalResult, *, 
 
 
 def run_baseline(name: str, train, noisy, test, *, config: BaselineConfig, ipc: int, subset_config: EvalConfig,
-                 transform=None, device="cpu", seed: int = 0,
+                 transform=None, device="cpu", seed: int = 0, factor: int = 1,
                  progress: Optional[Callable[[], None]] = None) -> EvalResult:
     """Runs the baseline ``name`` (:data:`BASELINES`) and returns its :class:`EvalResult`.
 
@@ -435,15 +470,16 @@ def run_baseline(name: str, train, noisy, test, *, config: BaselineConfig, ipc: 
             (:meth:`BaselineConfig.subset_eval_config`); transform: the random subset's input transform (the
             distilled set's; the full-data baselines normalise with the dataset's mean/std).
         seed: base seed of the networks, the held-out split and the subset draws.
+        factor: the distilled set's multi-formation factor (``random_subset_decoded``).
         progress: called after every epoch (full-data) or run (subset).
 
     Raises:
         ValueError: an unknown name.
     """
     tick = (lambda *a: progress()) if progress is not None else None
-    if name == "random_subset":
+    if name in ("random_subset", DECODED_SUBSET):
         return random_subset(train, noisy, test, ipc, config=subset_config, transform=transform, seed=int(seed),
-                             run_callback=tick)
+                             run_callback=tick, factor=int(factor) if name == DECODED_SUBSET else 1)
     full_cfg = config.full_eval_config(device, train.num_classes, seed)
     norm = Normalize(train.mean, train.std)
     kw = dict(config=full_cfg, transform=norm, epoch_callback=tick, holdout=float(config.holdout))

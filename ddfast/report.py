@@ -49,6 +49,7 @@ __all__ = [
 BASELINE_TITLES = {
     "distilled": "distilled set",
     "random_subset": "random real subset (noisy labels)",
+    "random_subset_decoded": "random real subset, decoded like the distilled set (noisy labels)",
     "full_noisy": "full noisy training set, last epoch",
     "full_noisy@early_stop": "full noisy training set, early stopped on held-out noisy labels",
     "full_noisy@best_epoch": "full noisy training set, best epoch (oracle)",
@@ -59,14 +60,15 @@ BASELINE_TITLES = {
 
 #: the same rows when the run adds no label noise (``--noise none``)
 _CLEAN_TITLES = {"random_subset": "random real subset", "full_noisy": "full training set, last epoch",
+                 "random_subset_decoded": "random real subset, decoded like the distilled set",
                  "full_noisy@early_stop": "full training set, early stopped on held-out labels",
                  "full_noisy@best_epoch": "full training set, best epoch (oracle)",
                  "gce": "GCE loss on the full training set, last epoch",
                  "coteaching": "Co-teaching on the full training set, last epoch"}
 
 #: the results rows in report order; ``name@variant`` rows come from a full-data result's ``eval[variant]``
-RESULT_ROWS = ("distilled", "random_subset", "full_noisy", "full_noisy@early_stop", "full_noisy@best_epoch", "gce",
-               "coteaching", "full_clean")
+RESULT_ROWS = ("distilled", "random_subset", "random_subset_decoded", "full_noisy", "full_noisy@early_stop",
+               "full_noisy@best_epoch", "gce", "coteaching", "full_clean")
 
 
 def result_row(results: Dict[str, Any], key: str) -> Optional[Dict[str, Any]]:
@@ -80,7 +82,13 @@ def result_row(results: Dict[str, Any], key: str) -> Optional[Dict[str, Any]]:
     if not isinstance(v, dict) or v.get("mean") is None:
         return None
     return {"mean": v["mean"], "std": v.get("std", 0.0), "accs": v.get("accs", []), "epochs": v.get("epochs"),
-            "n_images": base.get("n_images"), "description": v.get("note", "")}
+            "n_images": base.get("n_images"), "n_stored": base.get("n_stored"), "description": v.get("note", "")}
+
+
+def _sizes(r: Dict[str, Any]) -> str:
+    """``"100 images"`` or, when training decodes stored images, ``"100 stored images (400 decoded)"``."""
+    n, s = r.get("n_images", "?"), r.get("n_stored")
+    return f"{n} images" if s is None or s == n else f"{s} stored images ({n} decoded for training)"
 
 
 def baseline_title(key: str, noise_spec: Optional[str] = None) -> str:
@@ -275,7 +283,7 @@ def _study_points(cells: Sequence[Dict[str, Any]]) -> Dict[Tuple[str, int], Dict
         res = (c.get("metrics") or {}).get("results", {})
         rows = {str(c["method"]).upper() + (" + TAD" if c.get("tad") else ""): res.get("distilled")}
         for b in RESULT_ROWS[1:]:
-            if b == "random_subset":
+            if b.startswith("random_subset"):
                 continue  # per-method protocol: in the table, not the plot
             rows[BASELINE_TITLES[b]] = result_row(res, b)
         for k in (kinds if kind == "none" else [kind]):
@@ -444,7 +452,7 @@ def render_report(m: Dict[str, Any]) -> str:
                 f"(what a user without clean labels gets)")
         verdict = (f"beats {than} by {diff:.2f} points" if diff > 0 else
                    f"is {-diff:.2f} points below {than}" if diff < 0 else f"ties with {than}")
-        out.append(f"**The distilled set ({d.get('n_images', '?')} images) {verdict}** "
+        out.append(f"**The distilled set ({_sizes(d)}) {verdict}** "
                    f"({fmt_acc(d)} % vs {fmt_acc(fn)} % test accuracy).")
         extra = []
         es, best = result_row(res, "full_noisy@early_stop"), result_row(res, "full_noisy@best_epoch")
@@ -456,10 +464,16 @@ def render_report(m: Dict[str, Any]) -> str:
             out.append("Trained on the same images, " + "; ".join(extra) + ".")
     if d and rs and d.get("mean") is not None and rs.get("mean") is not None:
         diff = d["mean"] - rs["mean"]
-        what = f"a random real subset of the same size with the{noisy} labels"
+        stored = rs.get("n_stored") or rs.get("n_images", "?")
+        what = f"a random real subset of the same storage ({stored} images) with the{noisy} labels"
         verdict = (f"beats {what} by {diff:.2f} points" if diff > 0 else
                    f"is {-diff:.2f} points below {what}" if diff < 0 else f"ties with {what}")
-        out.append(f"It {verdict} ({fmt_acc(d)} % vs {fmt_acc(rs)} %).")
+        line = f"It {verdict} ({fmt_acc(d)} % vs {fmt_acc(rs)} %)"
+        rd = res.get("random_subset_decoded")
+        if rd and rd.get("mean") is not None:
+            line += (f", and by {d['mean'] - rd['mean']:+.2f} points the same storage of random real images decoded "
+                     f"as the distilled set is ({fmt_acc(rd)} %: the decoding alone)")
+        out.append(line + ".")
     out.append("")
     env = m.get("environment", {})
     load = env.get("load_average_start")
@@ -483,9 +497,10 @@ def render_report(m: Dict[str, Any]) -> str:
         what = r.get("description", "")
         if r.get("epochs"):
             what += f" (epochs {', '.join(str(e) for e in r['epochs'])})"
-        rows.append([title, r.get("n_images", "—"), what, f"{fmt_acc(r)}",
-                     ", ".join(f"{a:.1f}" for a in r.get("accs", [])), _secs(r.get("seconds"))])
-    out.append(_table(["training data", "images", "how", "accuracy (mean ± std)", "per run", "seconds"], rows))
+        rows.append([title, r.get("n_stored") or r.get("n_images", "—"), r.get("n_images", "—"), what,
+                     f"{fmt_acc(r)}", ", ".join(f"{a:.1f}" for a in r.get("accs", [])), _secs(r.get("seconds"))])
+    out.append(_table(["training data", "stored images", "training images", "how", "accuracy (mean ± std)",
+                       "per run", "seconds"], rows))
     out.append("")
     ev = (res.get("distilled") or {}).get("eval", {})
     if ev:
@@ -691,8 +706,8 @@ def sweep_table(cells: Sequence[Dict[str, Any]], md_path: Optional[str] = None,
             if r is None:
                 continue
             title = BASELINE_TITLES[b]
-            if b == "random_subset":  # evaluated with the method's protocol: one row per method
-                title = f"random real subset, {str(c['method']).upper()} protocol"
+            if b.startswith("random_subset"):  # evaluated with the method's protocol: one row per method
+                title = f"{title.split(' (')[0]}, {str(c['method']).upper()} protocol"
             # a baseline does not depend on TAD (nor, except the random subset, on the method):
             # one entry per (row, noise, ipc, seed)
             k = (title, col, c.get("seed"))
@@ -740,6 +755,18 @@ def sweep_table(cells: Sequence[Dict[str, Any]], md_path: Optional[str] = None,
         if best_i is not None:
             md_rows[best_i][j] = f"**{md_rows[best_i][j]}**"
     md = _table(header, md_rows) + "\n"
+    sizes = []  # stored vs training images where they differ (multi-formation), per row and IPC
+    for c in cells:
+        res = (c.get("metrics") or {}).get("results", {})
+        for key, r in res.items():
+            if isinstance(r, dict) and r.get("n_stored") and r.get("n_images") and r["n_stored"] != r["n_images"]:
+                who = (str(c["method"]).upper() if key == "distilled" else
+                       f"{BASELINE_TITLES.get(key, key).split(' (')[0]}, {str(c['method']).upper()} protocol")
+                entry = f"{who} at IPC {c['ipc']}: {r['n_stored']} stored images, {r['n_images']} for training"
+                if entry not in sizes:
+                    sizes.append(entry)
+    if sizes:
+        md += "\nSizes where storage and training differ (multi-formation): " + "; ".join(sizes) + ".\n"
     if md_path:
         atomic_write_text(md, md_path)
     if csv_path:

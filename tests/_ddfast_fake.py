@@ -31,6 +31,7 @@ class FakeConfig(DistillConfig):
     eval_epochs: int = 10
     eval_runs: int = 2
     fail_at: int = -1
+    factor: int = 1  # multi-formation: the set decodes each stored image into factor^2 (as DANCE)
 
 
 def preset_config(preset: str, dataset: str, ipc: int, **overrides: Any) -> FakeConfig:
@@ -82,13 +83,23 @@ class Fake(Distiller):
         return {"loss": float(loss.detach())}
 
     def synthetic_set(self) -> SyntheticSet:
-        return SyntheticSet(images=self.images.detach().clone(), labels=self.labels.clone(),
+        f = int(self.config.factor)
+        images, labels = self.images.detach().clone(), self.labels.clone()
+        if f > 1:
+            from ddfast.distill.dance import decode
+
+            order = torch.argsort(labels, stable=True)
+            images, labels = images[order], labels[order]
+            ipc = self.config.ipc
+            images = torch.cat([decode(images[c * ipc:(c + 1) * ipc], f) for c in range(self.train.num_classes)])
+            labels = labels.repeat_interleave(f * f)
+        return SyntheticSet(images=images, labels=labels,
                             num_classes=self.train.num_classes, ipc=self.config.ipc, method="fake", lr=None,
                             preprocess={"mean": list(self.train.mean), "std": list(self.train.std), "zca": False},
                             eval_config={"model": "convnet", "model_kwargs": {"width": 8, "depth": 2},
                                          "epochs": self.config.eval_epochs, "num_runs": self.config.eval_runs,
                                          "lr": 0.01, "dsa": False, "batch_size": 64},
-                            metadata={"iterations": self.iteration})
+                            metadata={"iterations": self.iteration, "factor": f})
 
     def state_dict(self) -> Dict[str, Any]:
         return {"images": self.images.detach().clone(), "labels": self.labels.clone(), "opt": self.opt.state_dict()}

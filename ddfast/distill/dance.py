@@ -599,8 +599,8 @@ PRESET_DOCS = {
              "128; pool of 20 models x 60 epochs, num_premodel 5, iter_calib 1; evaluation ConvNet-3, 1500 "
              "epochs, 5 runs, DSA + CutMix. Same values for CIFAR-10/100, Fashion-MNIST and MNIST (IPC 1/10/50). "
              "Meant for a GPU."),
-    "quick": ("2-core CPU in a few minutes, pool pretraining included: ConvNet-3 width 32, 3 pool models x 4 "
-              "epochs on 12,000 samples (num_premodel 3), 250 iterations, batch_real 64, factor 2, lr_img "
+    "quick": ("2-core CPU in a few minutes, pool pretraining included: ConvNet-3 width 32, 5 pool models x 5 "
+              "epochs on 12,000 samples (num_premodel 5), 500 iterations, batch_real 64, factor 2, lr_img "
               "0.05*IPC (the narrower network's 512-d features give smaller PLTDA gradients); evaluation "
               "ConvNet-3 width 32, 300 epochs, 5 runs, otherwise DANCE's protocol."),
 }
@@ -632,9 +632,9 @@ def preset_config(preset: str, dataset: str, ipc: int, **overrides: Any) -> DANC
                                       pool=dict(net=dict(width=128, depth=3), amount=20, epochs=60, subset=0),
                                       eval_width=128, eval_epochs=1500, eval_runs=5)
     else:
-        values = dict(ipc=ipc, iterations=250, checkpoint_every=50, factor=2, lr_img=0.05 * ipc, mom_img=0.5,
-                      batch_real=64, batch_syn_max=200, num_premodel=3, iter_calib=1,
-                      pool=dict(net=dict(width=32, depth=3), amount=3, epochs=4, subset=12000),
+        values = dict(ipc=ipc, iterations=500, checkpoint_every=100, factor=2, lr_img=0.05 * ipc, mom_img=0.5,
+                      batch_real=64, batch_syn_max=200, num_premodel=5, iter_calib=1,
+                      pool=dict(net=dict(width=32, depth=3), amount=5, epochs=5, subset=12000),
                       eval_width=32, eval_epochs=300, eval_runs=5)
     for name, value in overrides.items():
         set_path(values, name, value, DANCEConfig)

@@ -12,6 +12,7 @@ import torch
 from .. import __version__
 from .. import distributed as dd
 from .._extension import build_info
+from ..baselines import DECODED_SUBSET
 from ..data import DatasetNotFoundError, load_dataset
 from ..distill.base import SyntheticSet
 from ..evaluate import evaluate_synthetic_set, synset_eval_config
@@ -20,7 +21,8 @@ from ..models import MODEL_NAMES
 from ..report import plot_baseline_curves, plot_curves, plot_tad_rounds, render_report, save_synset_grid
 from .config import RunConfig, UsageError, resolve, resolve_device
 from .stages import (RunContext, RunDir, RunDirLock, StageRunner, baseline_stage, check_run_dir, distill_stage,
-                     evaluate_stage, limit_test_set, load_data, make_noise, noise_facts, result_dict, say)
+                     evaluate_stage, limit_test_set, load_data, make_noise, noise_facts, result_dict, say,
+                     synset_factor)
 
 __all__ = ["run", "evaluate_dir", "environment_info", "METRICS_SCHEMA"]
 
@@ -164,7 +166,10 @@ def _run_stages(ctx: RunContext, t_start: float, load_start) -> Dict[str, Any]:
     distill_stage(ctx)
     results: Dict[str, Any] = {"distilled": evaluate_stage(ctx)}
     protocol = synset_eval_config(ctx.syn, ctx.r.device, cfg.eval_runs, cfg.seed, ctx.r.eval_overrides)
-    for name in cfg.baselines:
+    names = list(cfg.baselines)
+    if "random_subset" in names and synset_factor(ctx.syn) > 1:  # equal storage and the same decoding
+        names.insert(names.index("random_subset") + 1, DECODED_SUBSET)
+    for name in names:
         results[name] = baseline_stage(ctx, name, protocol)
     ctx.rd.save("timing", {"stages": ctx.runner.stages})
     files = ctx.runner.timed("report", lambda: _write_outputs(ctx, results))

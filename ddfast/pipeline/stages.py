@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from .. import distributed as dd
-from ..baselines import describe_baseline, run_baseline
+from ..baselines import DECODED_SUBSET, describe_baseline, run_baseline
 from ..data import DatasetNotFoundError, load_dataset, load_human_labels
 from ..distill import make_distiller
 from ..distill.base import SyntheticSet, TrainSet, peak_memory_bytes
@@ -44,7 +44,7 @@ from ..tad import run_tad
 from .config import ResolvedRun, RunConfig, RunConfigMismatch, UsageError
 
 __all__ = ["RunDir", "StageRunner", "RunContext", "load_data", "make_noise", "noise_facts", "distill_stage",
-           "evaluate_stage", "baseline_stage", "check_run_dir"]
+           "evaluate_stage", "baseline_stage", "check_run_dir", "synset_factor"]
 
 RUN_SCHEMA = "ddfast.run/1"
 
@@ -545,7 +545,8 @@ def evaluate_stage(ctx: RunContext) -> Dict[str, Any]:
         kind = "soft" if syn.soft else "hard"
         desc = (f"{cfg.method}{' + TAD' if cfg.tad else ''}, {kind} labels"
                 + (f", learned lr {float(syn.lr):.4g}" if syn.lr is not None else ""))
-        return result_dict(res, n_images=int(syn.images.shape[0]), label_kind=kind, description=desc)
+        return result_dict(res, n_images=int(syn.images.shape[0]), n_stored=int(syn.ipc * syn.num_classes),
+                           factor=synset_factor(syn), label_kind=kind, description=desc)
 
     distilled, _ = ctx.runner.stage("evaluate", compute)
     say(cfg, f"distilled: {distilled['mean']:.2f} +- {distilled['std']:.2f} %")
@@ -559,8 +560,8 @@ def _baseline_key(ctx: RunContext, name: str, subset_cfg) -> Dict[str, Any]:
     key = {"baseline": name, "dataset": ctx.train.name, "n_train": len(ctx.train), "noise": ctx.noise["spec"],
            "noise_seed": ctx.noise["seed"], "labels": ctx.noise["labels_digest"],
            "data": cfg.overrides.get("data", {}), "seed": int(cfg.seed), "ddfast": __version__}
-    if name == "random_subset":
-        key.update({"ipc": cfg.ipc, "eval": {k: v for k, v in subset_cfg.to_dict().items() if k != "device"},
+    if name in ("random_subset", DECODED_SUBSET):
+        key.update({"ipc": cfg.ipc, "factor": synset_factor(ctx.syn) if name == DECODED_SUBSET else 1, "eval": {k: v for k, v in subset_cfg.to_dict().items() if k != "device"},
                     "transform": getattr(ctx.syn.input_transform(), "kind", "none"),
                     "random_lr": ctx.r.baseline.random_lr})
     else:
@@ -575,6 +576,12 @@ def _baseline_key(ctx: RunContext, name: str, subset_cfg) -> Dict[str, Any]:
     return key
 
 
+def synset_factor(syn) -> int:
+    """The multi-formation factor of a synthetic set (``f``: each stored image decodes into ``f^2`` training
+    images; 1 for the methods without multi-formation)."""
+    return int((syn.metadata or {}).get("factor", 1) or 1)
+
+
 def baseline_stage(ctx: RunContext, name: str, protocol) -> Dict[str, Any]:
     """One baseline (:func:`ddfast.baselines.run_baseline`), resumed or taken from the cache when possible."""
     cfg, b = ctx.cfg, ctx.r.baseline
@@ -584,14 +591,16 @@ def baseline_stage(ctx: RunContext, name: str, protocol) -> Dict[str, Any]:
 
     def compute() -> Dict[str, Any]:
         say(cfg, f"baseline {name} ...")
-        total = subset_cfg.num_runs if name == "random_subset" else b.epochs * len(dd.shard_indices(b.num_runs))
-        bar = _progress_bar(cfg, total, f"baseline {name}", "run" if name == "random_subset" else "epoch")
+        subset = name in ("random_subset", DECODED_SUBSET)
+        total = subset_cfg.num_runs if subset else b.epochs * len(dd.shard_indices(b.num_runs))
+        bar = _progress_bar(cfg, total, f"baseline {name}", "run" if subset else "epoch")
         res = run_baseline(name, ctx.train, ctx.noisy, ctx.test, config=b, ipc=cfg.ipc, subset_config=subset_cfg,
                            transform=ctx.syn.input_transform(), device=ctx.r.device, seed=cfg.seed,
-                           progress=lambda: bar.update(1))
+                           factor=synset_factor(ctx.syn), progress=lambda: bar.update(1))
         bar.close()
-        n = cfg.ipc * ctx.train.num_classes if name == "random_subset" else len(ctx.train)
-        return result_dict(res, n_images=int(n), description=describe_baseline(
+        f = synset_factor(ctx.syn) if name == DECODED_SUBSET else 1
+        n = cfg.ipc * ctx.train.num_classes if subset else len(ctx.train)
+        return result_dict(res, n_images=int(n * f * f), n_stored=int(n), description=describe_baseline(
             name, b, res, ipc=cfg.ipc, noise_spec=str(ctx.noisy.spec)))
 
     result, how = ctx.runner.stage(f"baseline:{name}", compute, cache=cache)

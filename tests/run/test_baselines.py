@@ -101,3 +101,21 @@ def test_coteaching_estimates_its_forget_rate_and_learns_under_heavy_noise(data)
     assert co.mean > 40.0  # digits, 60 % symmetric noise (chance: 10 %)
     given = B.coteaching(tr, noisy, te, config=CFG.replace(epochs=2), forget_rate=0.5, tk=1)
     assert given.config["forget_rate"] == [0.5] and given.config["forget_rate_source"] == "given"
+
+
+def test_multi_formation_baseline_equals_a_slow_reference(data):
+    """Real images stored f^2 to an image and decoded: each training image is its real image resized (nearest) to a
+    tile and back (bilinear), in the decoder's tile-major order within each class."""
+    import torch.nn.functional as F
+
+    tr, _, _ = data
+    ipc, f, C = 2, 2, 3
+    idx = torch.cat([torch.nonzero(tr.labels == c).flatten()[:ipc * f * f] for c in range(C)])
+    x = tr.images[idx]
+    got = B.multi_formation(x, ipc, f, C)
+    H, W = x.shape[-2:]
+    want = torch.stack([F.interpolate(F.interpolate(img[None], size=(H // f, W // f), mode="nearest"),
+                                      size=(H, W), mode="bilinear", align_corners=False)[0] for img in x])
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="hold"):
+        B.multi_formation(x[:-1], ipc, f, C)

@@ -470,3 +470,24 @@ def test_a_run_directory_is_locked_while_a_process_works_in_it(tmp_path):
     lock = RunDirLock(str(tmp_path / "new")).acquire()
     lock.release(failed=True)
     assert not (tmp_path / "new").exists()
+
+
+def test_multi_formation_sets_report_both_sizes_and_an_equal_storage_decoded_baseline(tmp_path):
+    """A set that decodes each stored image into f^2 training images: metrics and report give stored and training
+    sizes, the headline compares at equal storage, and the random subset gets a decoded twin (same storage, same
+    decoding)."""
+    m = pipeline.run(_cfg(tmp_path / "f2", overrides={"distill": {"factor": 2, "iterations": 1},
+                                                       "eval": {"epochs": 2, "num_runs": 1}}))
+    res = m["results"]
+    assert res["distilled"]["n_stored"] == 30 and res["distilled"]["n_images"] == 120
+    assert res["random_subset"]["n_stored"] == 30 and res["random_subset"]["n_images"] == 30
+    dec = res["random_subset_decoded"]
+    assert dec["n_stored"] == 30 and dec["n_images"] == 120 and dec["eval"]["factor"] == 2
+    text = open(tmp_path / "f2" / "report.md").read()
+    assert "a random real subset of the same storage (30 images)" in text
+    assert "decoded as the distilled set is" in text
+    assert "| stored images | training images |" in text
+    m1 = pipeline.run(_cfg(tmp_path / "f1", overrides={"distill": {"iterations": 1},
+                                                       "eval": {"epochs": 2, "num_runs": 1}}))
+    assert "random_subset_decoded" not in m1["results"]
+    assert m1["results"]["distilled"]["n_stored"] == m1["results"]["distilled"]["n_images"] == 30
