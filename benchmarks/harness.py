@@ -223,7 +223,9 @@ def run_case(case: BenchCase, device: torch.device, *, providers: Optional[Seque
                         k = next(it) % len(sets)
                         leaves = _leaves(sets[k])
                         grads = torch.autograd.grad(_float_outputs(fn(*sets[k])), leaves, cots[k], create_graph=True)
-                        torch.autograd.backward(grads, cots2[k])
+                        # a gradient that is constant in the inputs (a bias gradient) has no graph to go through
+                        pairs = [(gr, c) for gr, c in zip(grads, cots2[k]) if gr.requires_grad]
+                        torch.autograd.backward([p[0] for p in pairs], [p[1] for p in pairs])
                         for t in leaves:
                             t.grad = None
                 else:

@@ -15,12 +15,14 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from typing import Any, Dict, Iterator
 
 import torch
 
 __all__ = [
     "WriteError",
+    "quarantine",
     "atomic_open",
     "atomic_write_text",
     "atomic_write_json",
@@ -209,3 +211,11 @@ def load_tensors(path: str, device: str | torch.device = "cpu"):
         return tensors, json.loads(raw)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: corrupt ddfast metadata ({exc})") from exc
+
+
+def quarantine(path: str) -> str:
+    """Moves a corrupt cache file aside (``PATH.corrupt-<time>``, kept for inspection) so that it is rebuilt;
+    returns the new path."""
+    dest = f"{path}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.replace(path, dest)
+    return dest

@@ -234,9 +234,14 @@ class SyntheticSet:
         if not os.path.exists(meta_path) or not os.path.exists(ten_path):
             raise FileNotFoundError(f"{directory}: no synthetic set ({cls.FILE_META} and {cls.FILE_TENSORS} "
                                     "are written by SyntheticSet.save / `ddfast run`)")
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if meta.get("format") != "ddfast.SyntheticSet/1":
+        try:
+            with open(meta_path, encoding="utf-8") as f:
+                meta = json.load(f)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{meta_path}: corrupt ({' '.join(str(exc).split())}); rerun the distillation or "
+                             "restore the file") from None
+        if not isinstance(meta, dict) or meta.get("format") != "ddfast.SyntheticSet/1":
+            meta = meta if isinstance(meta, dict) else {}
             raise ValueError(f"{meta_path}: not a ddfast synthetic set (format={meta.get('format')!r})")
         tensors = load_safetensors(ten_path, device=device)
         for key in ("images", "labels"):
@@ -246,6 +251,9 @@ class SyntheticSet:
         if images.dim() != 4 or labels.shape[0] != images.shape[0]:
             raise ValueError(f"{ten_path}: images {tuple(images.shape)} and labels {tuple(labels.shape)} disagree")
         state = {k[len("preprocess."):]: v for k, v in tensors.items() if k.startswith("preprocess.")}
+        missing = [k for k in ("num_classes", "ipc", "method") if k not in meta]
+        if missing:
+            raise ValueError(f"{meta_path}: missing field(s) {missing}; rerun the distillation or restore the file")
         return cls(images=images, labels=labels, num_classes=meta["num_classes"], ipc=meta["ipc"],
                    method=meta["method"], lr=meta.get("lr"), preprocess=meta.get("preprocess", {}),
                    preprocess_state=state, eval_config=meta.get("eval_config", {}),

@@ -81,7 +81,7 @@ from ..augment import DSA, build_input_transform, transform_from_state_dict
 from ..config import option, set_path
 from ..data import canonical_name
 from ..hashing import digest, tensor_digest
-from ..io import load_safetensors, save_safetensors
+from ..io import load_safetensors, quarantine, save_safetensors
 from ..models import functional_forward
 from ..ops import tesla_quantities, trajectory_matching_loss
 from .base import DistillConfig, Distiller, SyntheticSet, TrainSet
@@ -271,9 +271,14 @@ class DATM(Distiller):
             if os.path.exists(path):
                 from safetensors import safe_open
 
-                with safe_open(path, framework="pt") as f:
-                    tkind = f.metadata()["kind"]
-                return transform_from_state_dict(tkind, load_safetensors(path))
+                try:
+                    with safe_open(path, framework="pt") as f:
+                        tkind = (f.metadata() or {})["kind"]
+                    return transform_from_state_dict(tkind, load_safetensors(path))
+                except Exception as exc:  # noqa: BLE001 - any corrupt entry: set it aside and rebuild
+                    moved = quarantine(path)
+                    self._warn(f"the cached input transform {path} is corrupt ({type(exc).__name__}); moved to "
+                               f"{moved}, fitting it again")
         t0 = time.perf_counter()
         tr = build_input_transform(kind, train.images, mean=train.mean, std=train.std, eps=cfg.zca_eps)
         self._log(f"fitted the {kind} input transform in {time.perf_counter() - t0:.1f} s")
@@ -717,7 +722,7 @@ _QUICK = dict(expert=dict(net=dict(width=32, depth=3), num_experts=5, epochs=6, 
                           batch_size=256, lr=0.01),
               syn_steps=20, expert_epochs=2, batch_syn=100, lr_img=100.0,
               lr_lr=1e-5, lr_y=2.0, threshold=1.0, min_start_epoch=0, current_max_start_epoch=2, max_start_epoch=4,
-              expansion_end_epoch=100, sequential_generation=True, iterations=200, checkpoint_every=50,
+              expansion_end_epoch=100, sequential_generation=True, iterations=500, checkpoint_every=100,
               eval_epochs=300, eval_batch=128, eval_runs=5)
 
 PRESET_DOCS = {
@@ -730,7 +735,7 @@ PRESET_DOCS = {
     "quick": ("A CPU-sized DATM for any dataset, tuned on Fashion-MNIST IPC 10 for a 2-core CPU (a few minutes "
               "including the experts): ConvNet-3 width 32; 5 experts x 6 epochs with plain SGD (MTT's recipe: half "
               "the cost of GSAM per step) on 500 samples per class each; syn_steps 20, expert_epochs 2, window "
-              "[0, 2) -> [0, 4) over 100 iterations, 200 iterations, all synthetic images per step; "
+              "[0, 2) -> [0, 4) over 100 iterations, 500 iterations, all synthetic images per step; "
               "300-epoch evaluation."),
 }
 

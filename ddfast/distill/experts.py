@@ -426,8 +426,14 @@ def train_experts(recipe: ExpertRecipe, images: torch.Tensor, labels: torch.Tens
         os.makedirs(directory, exist_ok=True)
         mpath = os.path.join(directory, "manifest.json")
         if os.path.exists(mpath):
-            with open(mpath) as f:
-                old = json.load(f)
+            try:
+                with open(mpath, encoding="utf-8") as f:
+                    old = json.load(f)
+                if not isinstance(old, dict):
+                    raise ValueError("not a JSON object")
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise ValueError(f"{mpath} is corrupt ({' '.join(str(exc).split())}); delete {directory} to train "
+                                 "the expert buffer again") from None
             for field_name in ("format", "recipe_key", "key", "num_params", "n_train"):
                 if json.dumps(old.get(field_name), sort_keys=True) != json.dumps(manifest[field_name], sort_keys=True):
                     raise ValueError(f"{directory} holds another expert buffer ({field_name} differs); use another "
@@ -526,8 +532,31 @@ def train_experts(recipe: ExpertRecipe, images: torch.Tensor, labels: torch.Tens
     files = [_final_path(directory, k) for k in range(N)]
     buf = ExpertBuffer(files=files, num_epochs=E, num_params=P, meta=meta)
     if buf.nbytes() <= max_memory_bytes:
-        traj = torch.stack([load_safetensors(f)["trajectory"] for f in files])
-        if traj.shape[1:] != (E + 1, P):
-            raise ValueError(f"{directory}: trajectories of shape {tuple(traj.shape[1:])}, expected {(E + 1, P)}")
-        buf = ExpertBuffer(trajectories=traj, meta=meta)
+        trajs_in = [_checked_trajectory(f, E, P, directory) for f in files]
+        buf = ExpertBuffer(trajectories=torch.stack(trajs_in), meta=meta)
+    else:
+        for f in files:  # shapes from the headers, values checked when a snapshot is read
+            _checked_trajectory(f, E, P, directory, values=False)
     return buf
+
+
+def _checked_trajectory(path: str, E: int, P: int, directory: str, values: bool = True) -> torch.Tensor:
+    """An expert's stored trajectory ``[E + 1, P]``, or a ``ValueError`` naming the file and how to rebuild."""
+    fix = f"delete {directory} to train the expert buffer again"
+    try:
+        if not values:
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt", device="cpu") as f:
+                shape = tuple(f.get_slice("trajectory").get_shape())
+            t = None
+        else:
+            t = load_safetensors(path)["trajectory"]
+            shape = tuple(t.shape)
+    except Exception as exc:  # noqa: BLE001 - a corrupt or foreign file
+        raise ValueError(f"{path}: not a readable expert trajectory ({type(exc).__name__}); {fix}") from None
+    if shape != (E + 1, P):
+        raise ValueError(f"{path}: a trajectory of shape {shape}, expected {(E + 1, P)}; {fix}")
+    if t is not None and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{path}: the trajectory holds NaN or inf; {fix}")
+    return t

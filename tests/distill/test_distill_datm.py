@@ -18,6 +18,7 @@ from ddfast.distill.experts import ExpertRecipe, gsam_direction, train_experts
 from ddfast.evaluate import evaluate_synthetic_set
 from ddfast.models import NetConfig
 from ddfast.evaluate import EvalConfig
+from ddfast.io import load_safetensors
 from ddfast.models import functional_forward
 
 
@@ -397,3 +398,43 @@ def test_a_warning_is_printed_once():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stderr.count("probe-message") == 1, p.stderr
+
+
+def test_corrupt_expert_buffers_are_named_with_the_fix(digits, tmp_path):
+    """A garbage manifest, a truncated or NaN trajectory: a ValueError naming the file and how to rebuild."""
+    from safetensors.torch import save_file
+
+    x, y = _expert_data(digits)
+    r = ExpertRecipe(net=NetConfig(width=8, depth=2), num_experts=2, epochs=1, lr=0.03, optimizer="sgd",
+                     subset_per_class=20)
+    d = tmp_path / "buf"
+    train_experts(r, x, y, 10, directory=str(d), key={"k": 1})
+    final = sorted(p for p in d.rglob("*.safetensors") if "epoch_" not in p.name)[0]
+    good = final.read_bytes()
+    final.write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError, match=rf"{final.name}: not a readable expert trajectory.*delete"):
+        train_experts(r, x, y, 10, directory=str(d), key={"k": 1})
+    final.write_bytes(good)
+    traj = load_safetensors(str(final))["trajectory"]
+    traj[1, 0] = float("nan")
+    save_file({"trajectory": traj.contiguous()}, str(final))
+    with pytest.raises(ValueError, match=rf"{final.name}: the trajectory holds NaN"):
+        train_experts(r, x, y, 10, directory=str(d), key={"k": 1})
+    (d / "manifest.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"manifest.json is corrupt.*delete"):
+        train_experts(r, x, y, 10, directory=str(d), key={"k": 1})
+
+
+def test_a_corrupt_cached_input_transform_is_set_aside_and_rebuilt(digits, tmp_path):
+    tr, _ = digits
+    train = TrainSet(tr.images[:200], tr.labels[:200], 10, tr.mean, tr.std, name="digits")
+    cfg = small_config(preprocess="zca")
+    d = DATM(cfg, device="cpu", quiet=True, cache_dir=str(tmp_path))
+    first = d._fit_transform(train)
+    (path,) = list((tmp_path / "datm_transforms").glob("*.safetensors"))
+    path.write_bytes(b"PK\x03\x04 a pickle, not safetensors")
+    with pytest.warns(RuntimeWarning, match="is corrupt"):
+        again = DATM(cfg, device="cpu", quiet=True, cache_dir=str(tmp_path))._fit_transform(train)
+    assert list((tmp_path / "datm_transforms").glob("*.corrupt-*"))
+    x = train.images[:5]
+    torch.testing.assert_close(again(x), first(x))

@@ -297,3 +297,14 @@ def test_unwritable_out_is_one_line(tmp_path, monkeypatch, capsys):
                    "--out", "afile/sub", "-O", "distill.iterations=1", "-O", "eval.epochs=1", "--quiet"])
     cap = capsys.readouterr()
     assert rc == 2 and len(cap.err.strip().splitlines()) == 1 and "afile/sub" in cap.err
+
+
+def test_corrupt_synthetic_set_is_named(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "synset.json").write_text("{garbage")
+    (d / "synset.safetensors").write_bytes(b"\x00")
+    rc = cli.main(["evaluate", str(d)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "synset.json" in err[0] and "corrupt" in err[0], err
