@@ -122,7 +122,7 @@ def fused_default() -> bool:
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` (same parameters, same function) computed by :func:`ddfast.ops.conv2d`: a backward that is
     differentiable with convolution kernels (a faster double backward: DATM's unroll, TESLA) and direct CPU kernels
-    for a first layer of 1-4 input channels. Other ``padding_mode`` values fall back to ``nn.Conv2d``."""
+    for a grayscale first layer. Other ``padding_mode`` values fall back to ``nn.Conv2d``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.padding_mode != "zeros":

@@ -10,7 +10,7 @@ Public ops (each op's maths, gradients and error behaviour in its docstring):
 - :func:`norm_act_pool` -- the ConvNet block after the convolution (instance norm + ReLU/softplus + 2x2 average
   pooling), fused, with a fused backward and double backward (the distillers' and the harness's hot path);
   :func:`conv2d`, the convolution with a double backward made of convolution kernels (direct CPU kernels for the
-  1-4 input-channel first layer); :func:`avg_pool_2x2` / :func:`avg_pool_2x2_adjoint`, 2x2 average pooling as
+  grayscale first layer); :func:`avg_pool_2x2` / :func:`avg_pool_2x2_adjoint`, 2x2 average pooling as
   strided sums.
 
 Every op runs the compiled kernel when :func:`has_extension` is True and the device is supported, and its

@@ -40,8 +40,8 @@ and softplus with threshold 20. Without normalisation (``weight = bias = None``)
 
 The convolution before it, :func:`conv2d`, differentiates its backward with convolution kernels too (PyTorch's
 generic double backward of a convolution is slower; see the function), and runs the first layer of a ConvNet on
-grayscale or RGB images (3x3, 1-4 input channels, stride 1) on direct CPU kernels where they measured faster than
-ATen's (``csrc/cpu/conv3x3_kernel.cpp``). :func:`avg_pool_2x2` is the 2x2 average pooling as strided sums.
+grayscale images (3x3, 1 input channel, stride 1) on direct CPU kernels, where they measured faster than ATen's
+(``csrc/cpu/conv3x3_kernel.cpp``; the kernels take 1-4 input channels). :func:`avg_pool_2x2` is the 2x2 average pooling as strided sums.
 
 The compiled kernels (``csrc/cpu/norm_act_pool_kernel.cpp``, ``csrc/cuda/norm_act_pool_kernel.cu``) serve float32
 and float64 tensors on CPU and CUDA; everything else -- other dtypes, no extension, and calls under
@@ -153,14 +153,12 @@ def norm_act_pool(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: 
 # ---------------------------------------------------------------------------------------------------------------
 # Which primitives of a 3x3, stride-1 convolution the direct CPU kernels (csrc/cpu/conv3x3_kernel.cpp) serve, by
 # (input channels, output channels): where they measured faster than ATen's (oneDNN) kernels on a CPU
-# (benchmarks/bench_convnet.py, "conv3x3" rows): forward for 1 input channel; input and weight gradients for 1 input
-# channel up to 64 outputs; the input gradient for 2-4 input channels up to 64 outputs. Everything else, and every
-# CUDA tensor, stays on ATen.
+# (benchmarks/bench_convnet.py, "conv3x3" rows; benchmarks/RESULTS.md): forward for 1 input channel; input and
+# weight gradients for 1 input channel up to 64 outputs. RGB first layers measured no faster (0.6-1.3x fwd+bwd) and
+# stay on ATen, as does everything else and every CUDA tensor; the kernels accept up to 4 input channels.
 def _direct_primitives(c_in: int, c_out: int) -> frozenset:
     if c_in == 1:
         return frozenset({"fwd", "gin", "gw"}) if c_out <= 64 else frozenset({"fwd"})
-    if c_in <= 4 and c_out <= 64:
-        return frozenset({"gin"})
     return frozenset()
 
 
@@ -277,9 +275,9 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     gradient (linear in ``grad_out`` and ``weight``) and the weight gradient (linear in ``x`` and ``grad_out``) --
     whose derivatives are again convolutions, input gradients and weight gradients
     (``aten.convolution_backward``), the kernels PyTorch tunes for the first backward. On a CPU, a 3x3, stride-1,
-    single-group convolution of 1-4 input channels (a ConvNet's first layer) computes these three primitives with
-    ddfast's direct kernels where they measured faster (``_direct_primitives``: all three for one input channel
-    and up to 64 outputs):
+    single-group convolution of one input channel (a ConvNet's first layer on grayscale images) computes these
+    primitives with ddfast's direct kernels where they measured faster (``_direct_primitives``: the forward, and
+    both gradients up to 64 outputs):
 
     .. math::
 
