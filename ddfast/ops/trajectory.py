@@ -69,7 +69,8 @@ def _check_finite(op: str, values: torch.Tensor, names, tensors, lr: Optional[to
                      "inputs are finite; use a wider dtype")
 
 
-def trajectory_matching_loss(student: torch.Tensor, start: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def trajectory_matching_loss(student: torch.Tensor, start: torch.Tensor, target: torch.Tensor, *,
+                             check_finite: bool = True) -> torch.Tensor:
     r"""Normalised parameter distance of trajectory matching (MTT eq. 2; DATM, FTD, TESLA).
 
     .. math::
@@ -88,6 +89,8 @@ def trajectory_matching_loss(student: torch.Tensor, start: torch.Tensor, target:
         start: same shape -- the expert's parameters at the start epoch :math:`\theta^*_t`.
         target: same shape -- the expert's parameters at the target epoch :math:`\theta^*_{t+M}`.
             All three share one dtype (float16, bfloat16, float32 or float64) and one device; any strides.
+        check_finite: raise on NaN / inf (below; default). ``False`` lets a non-finite loss through for a caller
+            that handles it itself (DATM's loss gate counts such an iteration as a fault and skips its update).
 
     Returns:
         ``Tensor[]`` for ``[P]`` inputs, ``Tensor[B]`` for ``[B, P]`` inputs, in the inputs' dtype. Sums are
@@ -119,12 +122,13 @@ def trajectory_matching_loss(student: torch.Tensor, start: torch.Tensor, target:
     else:
         loss, num, den = _reference.trajectory.trajectory_matching_terms(student, start, target)
     # num and den, not the loss: inf in start alone gives a finite loss (x / inf = 0)
-    _check_finite(op, (num + den).detach(), ("student", "start", "target"), (student, start, target))
+    if check_finite:
+        _check_finite(op, (num + den).detach(), ("student", "start", "target"), (student, start, target))
     return loss.squeeze(0) if unbatched else loss
 
 
 def tesla_quantities(start: torch.Tensor, target: torch.Tensor, grad_sum: torch.Tensor,
-                     lr: Union[float, torch.Tensor]) -> TeslaQuantities:
+                     lr: Union[float, torch.Tensor], *, check_finite: bool = True) -> TeslaQuantities:
     r"""TESLA's constant-memory meta-gradient quantities, fused (no materialised :math:`\theta_N`).
 
     TESLA (Cui et al., ICML 2023) writes the student's end point as
@@ -147,6 +151,7 @@ def tesla_quantities(start: torch.Tensor, target: torch.Tensor, grad_sum: torch.
         target: same shape -- :math:`\theta^*`, the expert at the target epoch.
         grad_sum: same shape -- :math:`G`, the sum of the inner-step gradients.
         lr: a float, a 0-d tensor or a ``Tensor[B]`` -- the student learning rate :math:`\alpha`.
+        check_finite: as :func:`trajectory_matching_loss`.
 
     Returns:
         :class:`TeslaQuantities` ``(loss [] | [B], step_vector like start, grad_lr [] | [B])`` in ``start``'s
@@ -190,8 +195,9 @@ def tesla_quantities(start: torch.Tensor, target: torch.Tensor, grad_sum: torch.
         loss, step, grad_lr = torch.ops.ddfast.tesla_quantities(start, target, grad_sum, lr_t.contiguous())
     else:
         loss, step, grad_lr = _reference.trajectory.tesla_quantities(start, target, grad_sum, lr_t)
-    _check_finite(op, torch.stack([loss, grad_lr]).sum(0), ("start", "target", "grad_sum"), (start, target, grad_sum),
-                  lr=lr_t)
+    if check_finite:
+        _check_finite(op, torch.stack([loss, grad_lr]).sum(0), ("start", "target", "grad_sum"),
+                      (start, target, grad_sum), lr=lr_t)
     if unbatched:
         loss, step, grad_lr = loss.squeeze(0), step.squeeze(0), grad_lr.squeeze(0)
     return TeslaQuantities(loss, step, grad_lr)
