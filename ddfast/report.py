@@ -88,7 +88,7 @@ def result_row(results: Dict[str, Any], key: str) -> Optional[Dict[str, Any]]:
 def _sizes(r: Dict[str, Any]) -> str:
     """``"100 images"`` or, when training decodes stored images, ``"100 stored images (400 decoded)"``."""
     n, s = r.get("n_images", "?"), r.get("n_stored")
-    return f"{n} images" if s is None or s == n else f"{s} stored images ({n} decoded for training)"
+    return f"{n} images" if s is None or s == n else f"{s} stored images, {n} decoded for training"
 
 
 def baseline_title(key: str, noise_spec: Optional[str] = None) -> str:
@@ -448,8 +448,8 @@ def render_report(m: Dict[str, Any]) -> str:
     if d and d.get("mean") is not None and fn and fn.get("mean") is not None:
         diff = d["mean"] - fn["mean"]
         epochs = (fn.get("eval") or {}).get("epochs_trained") or (fn.get("eval") or {}).get("epochs")
-        than = (f"training on all {fn.get('n_images', '?')}{noisy} images to the last of {epochs} epochs "
-                f"(what a user without clean labels gets)")
+        than = (f"training on all {fn.get('n_images', '?')}{noisy} images to the last of {epochs} epochs"
+                + (" (what a user without clean labels gets)" if noisy else ""))
         verdict = (f"beats {than} by {diff:.2f} points" if diff > 0 else
                    f"is {-diff:.2f} points below {than}" if diff < 0 else f"ties with {than}")
         out.append(f"**The distilled set ({_sizes(d)}) {verdict}** "
@@ -471,8 +471,9 @@ def render_report(m: Dict[str, Any]) -> str:
         line = f"It {verdict} ({fmt_acc(d)} % vs {fmt_acc(rs)} %)"
         rd = res.get("random_subset_decoded")
         if rd and rd.get("mean") is not None:
-            line += (f", and by {d['mean'] - rd['mean']:+.2f} points the same storage of random real images decoded "
-                     f"as the distilled set is ({fmt_acc(rd)} %: the decoding alone)")
+            dd_ = d["mean"] - rd["mean"]
+            line += (f"; against the same storage of random real images decoded as the distilled set is ({fmt_acc(rd)} "
+                     f"%: what the decoding alone gives) the difference is {dd_:+.2f} points")
         out.append(line + ".")
     out.append("")
     env = m.get("environment", {})

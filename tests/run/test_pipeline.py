@@ -485,7 +485,7 @@ def test_multi_formation_sets_report_both_sizes_and_an_equal_storage_decoded_bas
     assert dec["n_stored"] == 30 and dec["n_images"] == 120 and dec["eval"]["factor"] == 2
     text = open(tmp_path / "f2" / "report.md").read()
     assert "a random real subset of the same storage (30 images)" in text
-    assert "decoded as the distilled set is" in text
+    assert "random real images decoded as the distilled set is" in text
     assert "| stored images | training images |" in text
     m1 = pipeline.run(_cfg(tmp_path / "f1", overrides={"distill": {"iterations": 1},
                                                        "eval": {"epochs": 2, "num_runs": 1}}))
