@@ -25,7 +25,7 @@ constexpr double kSoftplusThreshold = 20.0;
 
 template <int ACT, typename T>
 C10_HOST_DEVICE C10_ALWAYS_INLINE T act_value(T y, T beta) {
-  if (ACT == kReLU) return y > T(0) ? y : T(0);
+  if (ACT == kReLU) return y < T(0) ? T(0) : y;  // NaN passes through, as torch.relu
   const T z = y * beta;
   return z > T(kSoftplusThreshold) ? y : ::log1p(::exp(z)) / beta;
 }

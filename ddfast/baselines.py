@@ -165,9 +165,10 @@ def _accuracy_on(model: torch.nn.Module, X: torch.Tensor, Y: torch.Tensor, batch
 
 
 def _summarise(curves: List[List[float]], holdouts: List[List[float]], seconds: float,
-               config: Dict[str, Any]) -> EvalResult:
+               config: Dict[str, Any], per_class: Optional[List[Optional[List[float]]]] = None) -> EvalResult:
     """The result of full-data runs from their per-epoch test (and held-out) curves: accs = last epoch; best
-    epoch (oracle) and early stopping on the held-out noisy labels in ``config``."""
+    epoch (oracle) and early stopping on the held-out noisy labels in ``config``; ``per_class``: each run's
+    per-class accuracies at the last epoch."""
     def stats(vals):
         t = torch.tensor(vals, dtype=torch.float64)
         return {"mean": float(t.mean()), "std": float(t.std(unbiased=False)) if len(vals) > 1 else 0.0,
@@ -183,7 +184,7 @@ def _summarise(curves: List[List[float]], holdouts: List[List[float]], seconds: 
         info["early_stop"] = {**stats([c[e] for c, e in zip(curves, es_ep)]), "epochs": [e + 1 for e in es_ep],
                               "note": "the epoch of the best accuracy on the held-out noisy labels"}
         info["holdout_curve"] = [sum(h[e] for h in holdouts) / len(holdouts) for e in range(len(holdouts[0]))]
-    return EvalResult.from_accs([c[-1] for c in curves], seconds, {**config, **info})
+    return EvalResult.from_accs([c[-1] for c in curves], seconds, {**config, **info}, per_class)
 
 
 def _full(name: str, train, labels, test, config: Optional[EvalConfig], transform, epoch_callback, overrides,
@@ -205,23 +206,26 @@ def _full(name: str, train, labels, test, config: Optional[EvalConfig], transfor
     for k in dd.shard_indices(cfg.num_runs):
         curve: List[float] = []
         hcurve: List[float] = []
+        last_pc: List[List[float]] = []
 
-        def record(epoch, model, curve=curve, hcurve=hcurve, k=k):
+        def record(epoch, model, curve=curve, hcurve=hcurve, k=k, last_pc=last_pc):
             if epoch == 0:
                 return
-            curve.append(evaluate_model(model, test, transform=transform, batch_size=cfg.eval_batch_size))
+            last_pc.clear()  # keeps the latest epoch's per-class accuracies
+            curve.append(evaluate_model(model, test, transform=transform, batch_size=cfg.eval_batch_size,
+                                        per_class_into=last_pc))
             if ho_idx.numel():
                 hcurve.append(_accuracy_on(model, Xh, Yh, cfg.eval_batch_size))
             if epoch_callback is not None:
                 epoch_callback(k, epoch)
         train_classifier(train.images[tr_idx], labels[tr_idx], config=cfg, num_classes=num_classes,
                          transform=transform, run=k, callback=record)
-        mine[k] = (curve, hcurve)
+        mine[k] = (curve, hcurve, last_pc[0] if last_pc else None)
     got = dd.gather_by_index(cfg.num_runs, mine)
     seconds = max(dd.all_gather_object(time.perf_counter() - t0))
     info = {**cfg.to_dict(), "loss_resolved": cfg.loss or "ce", "n_train": int(tr_idx.numel()),
             "n_holdout": int(ho_idx.numel())}
-    return _summarise([g[0] for g in got], [g[1] for g in got], seconds, info)
+    return _summarise([g[0] for g in got], [g[1] for g in got], seconds, info, [g[2] for g in got])
 
 
 def full_clean(train, test, *, config: Optional[EvalConfig] = None, transform=None, epoch_callback=None,
@@ -309,12 +313,14 @@ def _coteaching_run(X, Y, Xh, Yh, test, transform, cfg: EvalConfig, num_classes:
             step += 1
         if tau is None:  # after the warm-up epoch: estimate the forget rate from the noisy labels alone
             tau = estimate_noise_rate(_losses(nets[0], X, Y, cfg.eval_batch_size), Y, num_classes)
-        curve.append(evaluate_model(nets[0], test, transform=transform, batch_size=cfg.eval_batch_size))
+        pc: List[List[float]] = []
+        curve.append(evaluate_model(nets[0], test, transform=transform, batch_size=cfg.eval_batch_size,
+                                    per_class_into=pc))
         if Xh.shape[0]:
             hcurve.append(_accuracy_on(nets[0], Xh, Yh, cfg.eval_batch_size))
         if on_epoch is not None:
             on_epoch(run, epoch + 1)
-    return {"curve": curve, "holdout": hcurve, "forget_rate": float(tau)}
+    return {"curve": curve, "holdout": hcurve, "forget_rate": float(tau), "per_class": pc[0] if curve else None}
 
 
 def coteaching(train, noisy_labels, test, *, config: Optional[EvalConfig] = None, transform=None,
@@ -346,7 +352,8 @@ def coteaching(train, noisy_labels, test, *, config: Optional[EvalConfig] = None
     info = {**cfg.to_dict(), "loss_resolved": "ce", "n_train": int(tr_idx.numel()), "n_holdout": int(ho_idx.numel()),
             "forget_rate": [g["forget_rate"] for g in got], "forget_rate_tk": int(tk),
             "forget_rate_source": "estimated" if forget_rate is None else "given"}
-    res = _summarise([g["curve"] for g in got], [g["holdout"] for g in got], seconds, info)
+    res = _summarise([g["curve"] for g in got], [g["holdout"] for g in got], seconds, info,
+                     [g.get("per_class") for g in got])
     return _annotate(res, baseline="coteaching", noise=spec, noise_rate=rate)
 
 
@@ -419,12 +426,12 @@ def random_subset(train, noisy_labels, test, ipc: int, *, config: Optional[EvalC
         images = train.images[idx] if f == 1 else multi_formation(train.images[idx], ipc, f, train.num_classes)
         r = evaluate_synset(images, labels[idx], test, config=cfg, transform=transform,
                             num_classes=train.num_classes, num_runs=1, seed=cfg.seed + k)
-        mine[k] = (r.accs[0], r.config, share)
+        mine[k] = (r.accs[0], r.config, share, r.per_class)
         if run_callback is not None:
             run_callback(k)
     got = dd.gather_by_index(cfg.num_runs, mine)
     res = EvalResult.from_accs([g[0] for g in got], max(dd.all_gather_object(time.perf_counter() - t0)),
-                               {**got[0][1], "num_runs": cfg.num_runs})
+                               {**got[0][1], "num_runs": cfg.num_runs}, [g[3] for g in got])
     info: Dict[str, Any] = {"baseline": "random_subset" if f == 1 else "random_subset_decoded", "ipc": ipc,
                             "factor": f, "n_stored": ipc * train.num_classes, "subset_seed": seed, "noise": spec,
                             "noise_rate": rate}

@@ -27,8 +27,8 @@ EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 130
 
 # arguments that define *what* is run; `ddfast run` without any of them is the demo
-_WHAT = ("dataset", "noise", "method", "tad", "ipc", "preset", "seed", "noise_seed", "label_file", "override",
-         "eval_runs", "baselines")
+_WHAT = ("dataset", "noise", "method", "tad", "ipc", "preset", "seed", "noise_seed", "imbalance", "label_file",
+         "override", "eval_runs", "baselines")
 
 
 class _OneLineError(Exception):
@@ -61,6 +61,16 @@ def _int(s: str) -> int:
         raise argparse.ArgumentTypeError(f"invalid integer {s!r}") from None
 
 
+def _ratio(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid ratio {s!r}") from None
+    if not (0.0 < v <= 1.0):
+        raise argparse.ArgumentTypeError(f"must be n_min / n_max in (0, 1], got {s}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -83,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--preset", help="quick | full (default quick)")
     r.add_argument("--seed", type=_int, help="seed of distillation, evaluation and baselines (default 0)")
     r.add_argument("--noise-seed", type=_int, help="seed of the label corruption (default: --seed)")
+    r.add_argument("--imbalance", type=_ratio, metavar="R", help="long-tailed training set: exponential class profile "
+                   "with n_min / n_max = R (CIFAR-10-LT protocol), drawn before the noise; the test set stays balanced")
     r.add_argument("--label-file", help="noisy labels from a file (with --noise file, or a CIFAR-N *_human.pt "
                    "with --noise human:KEY)")
     r.add_argument("--out", help="run directory (default runs/<method>[-tad]-<dataset>-<noise>-ipc<K>-s<seed>, "
@@ -142,7 +154,8 @@ def _run_config(args) -> "Any":
                            "overrides": {k: dict(v) for k, v in DEMO_OVERRIDES.items()}})
     else:
         cfg = RunConfig(tad=bool(args.tad), out="")
-        for k in ("dataset", "noise", "method", "ipc", "preset", "seed", "noise_seed", "label_file", "eval_runs"):
+        for k in ("dataset", "noise", "method", "ipc", "preset", "seed", "noise_seed", "imbalance", "label_file",
+                  "eval_runs"):
             v = getattr(args, k)
             if v is not None:
                 setattr(cfg, k, v)
@@ -161,8 +174,9 @@ def _run_config(args) -> "Any":
         cfg.out = args.out
     elif given:
         noise = cfg.noise.replace(":", "").replace("/", "_")
+        lt = f"-lt{cfg.imbalance:g}" if cfg.imbalance is not None else ""
         cfg.out = os.path.join("runs", f"{cfg.method}{'-tad' if cfg.tad else ''}-{os.path.basename(str(cfg.dataset))}"
-                               f"-{noise}-ipc{cfg.ipc}-s{cfg.seed}")
+                               f"-{noise}{lt}-ipc{cfg.ipc}-s{cfg.seed}")
     if not isinstance(cfg.ipc, int):
         raise UsageError(f"--ipc must be an integer, got {cfg.ipc!r}")
     return cfg

@@ -33,7 +33,7 @@ import pickle
 import struct
 import zlib
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -41,6 +41,8 @@ import torch
 __all__ = [
     "ImageDataset",
     "load_dataset",
+    "long_tailed_counts",
+    "long_tailed_indices",
     "DATASETS",
     "DATASET_ALIASES",
     "GRAYSCALE_DATASETS",
@@ -695,6 +697,56 @@ HUMAN_LABEL_KEYS = {
     100: {"clean": "clean_label", "noisy": "noisy_label", "noisy100": "noisy_label",
           "noisy_coarse": "noisy_coarse_label", "clean_coarse": "clean_coarse_label"},
 }
+
+
+def long_tailed_counts(class_sizes: Sequence[int], ratio: float) -> List[int]:
+    """Per-class image counts of an exponentially long-tailed subset: ``n_c = floor(n_max * ratio ** (c / (C - 1)))``
+    for class index ``c`` (class 0 keeps ``n_max``, the last class ``n_max * ratio``), capped at the images the
+    class has and at least 1. The profile of CIFAR-10-LT (Cao et al., "Learning Imbalanced Datasets with
+    Label-Distribution-Aware Margin Loss", NeurIPS 2019, Sec. 4.1; ``ratio`` = n_min / n_max, their 1 / rho).
+
+    Args:
+        class_sizes: images per class of the full training set (``[C]``; ``n_max = max(class_sizes)``).
+        ratio: n_min / n_max in (0, 1]; 1 keeps every class at ``n_max`` (capped).
+
+    Raises:
+        ValueError: ``ratio`` outside (0, 1], no classes, or a negative class size.
+    """
+    r = float(ratio)
+    if not (0.0 < r <= 1.0):
+        raise ValueError(f"imbalance ratio must be in (0, 1] (n_min / n_max), got {ratio!r}")
+    sizes = [int(n) for n in class_sizes]
+    if not sizes or min(sizes) < 0:
+        raise ValueError(f"class sizes must be a non-empty list of counts >= 0, got {sizes}")
+    C, n_max = len(sizes), max(sizes)
+    out = []
+    for c, have in enumerate(sizes):
+        want = n_max * r ** (c / (C - 1)) if C > 1 else n_max
+        out.append(max(1, min(have, int(math.floor(want + 1e-9)))))
+    return out
+
+
+def long_tailed_indices(labels: torch.Tensor, num_classes: int, ratio: float, seed: int = 0) -> torch.Tensor:
+    """``int64 [n]`` sorted indices of a seeded long-tailed subset of a training set (:func:`long_tailed_counts`
+    with the class sizes of ``labels``): each class keeps a uniformly random sample of its count. Apply it to
+    the *clean* labels, before any label noise (the protocol of the long-tailed noisy-label papers); the test
+    set stays balanced.
+
+    Raises:
+        ValueError: a bad ``ratio`` or labels outside ``[0, num_classes)``.
+    """
+    y = torch.as_tensor(labels).long()
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(f"labels must be in [0, {num_classes})")
+    sizes = torch.bincount(y, minlength=num_classes).tolist()
+    counts = long_tailed_counts(sizes, ratio)
+    g = torch.Generator().manual_seed(int(seed))
+    keep = []
+    for c, k in enumerate(counts):
+        ic = (y == c).nonzero().flatten()
+        if ic.numel():
+            keep.append(ic[torch.randperm(ic.numel(), generator=g)[:k]])
+    return torch.cat(keep).sort().values if keep else torch.zeros(0, dtype=torch.int64)
 
 
 def load_human_labels(num_classes: int, key: str, root: Optional[str] = None, path: Optional[str] = None) -> torch.Tensor:

@@ -135,6 +135,8 @@ class EvalResult:
         seconds: wall time of training + testing all runs.
         config: the resolved :class:`EvalConfig` as a dict plus the facts of the run (``n_train``,
             ``label_kind``, ``transform``, ``vmapped``, ...).
+        per_class: test accuracy (percent) of each class (over that class's test images), averaged over the
+            runs; None where the evaluation did not record it (e.g. a result cached by an older version).
     """
 
     mean: float
@@ -142,28 +144,38 @@ class EvalResult:
     accs: List[float]
     seconds: float
     config: Dict[str, Any] = field(default_factory=dict)
+    per_class: Optional[List[float]] = None
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"mean": self.mean, "std": self.std, "accs": list(self.accs), "seconds": self.seconds,
-                "config": self.config}
+        d = {"mean": self.mean, "std": self.std, "accs": list(self.accs), "seconds": self.seconds,
+             "config": self.config}
+        if self.per_class is not None:
+            d["per_class"] = [float(a) for a in self.per_class]
+        return d
 
     def to_json(self, **kw) -> str:
         return json.dumps(self.to_dict(), allow_nan=False, **kw)
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "EvalResult":
+        pc = d.get("per_class")
         return cls(float(d["mean"]), float(d["std"]), [float(a) for a in d["accs"]], float(d["seconds"]),
-                   dict(d.get("config", {})))
+                   dict(d.get("config", {})), None if pc is None else [float(a) for a in pc])
 
     @classmethod
     def from_json(cls, s: str) -> "EvalResult":
         return cls.from_dict(json.loads(s))
 
     @classmethod
-    def from_accs(cls, accs: Sequence[float], seconds: float, config: Dict[str, Any]) -> "EvalResult":
+    def from_accs(cls, accs: Sequence[float], seconds: float, config: Dict[str, Any],
+                  per_class: Optional[Sequence[Sequence[float]]] = None) -> "EvalResult":
+        """From the per-run accuracies (and, optionally, each run's per-class accuracies ``[runs][C]``)."""
         t = torch.tensor([float(a) for a in accs], dtype=torch.float64)
+        pc = None
+        if per_class is not None and len(per_class) and all(p is not None for p in per_class):
+            pc = torch.tensor([[float(a) for a in p] for p in per_class], dtype=torch.float64).mean(0).tolist()
         return cls(float(t.mean()), float(t.std(unbiased=False)) if len(accs) > 1 else 0.0,
-                   [float(a) for a in accs], float(seconds), config)
+                   [float(a) for a in accs], float(seconds), config, pc)
 
     def __str__(self) -> str:
         return f"{self.mean:.2f} +- {self.std:.2f} % ({len(self.accs)} runs, {self.seconds:.1f} s)"
@@ -438,39 +450,59 @@ def _train_vmapped(template: nn.Module, flats0: torch.Tensor, X: torch.Tensor, Y
     return flats.detach()
 
 
+def _class_accuracy(correct: torch.Tensor, Y: torch.Tensor, num_classes: int) -> List[float]:
+    """Per-class accuracy (percent) from a boolean ``correct [n]`` and labels ``Y [n]``; NaN-free: a class
+    without test images gets 0."""
+    hit = torch.bincount(Y.cpu(), weights=correct.cpu().double(), minlength=num_classes)[:num_classes]
+    tot = torch.bincount(Y.cpu(), minlength=num_classes)[:num_classes].double()
+    return (100.0 * hit / tot.clamp_min(1)).tolist()
+
+
 @torch.no_grad()
-def _accuracy(model: nn.Module, X: torch.Tensor, Y: torch.Tensor, batch_size: int) -> float:
+def _accuracy(model: nn.Module, X: torch.Tensor, Y: torch.Tensor, batch_size: int,
+              per_class_into: Optional[List[List[float]]] = None, num_classes: Optional[int] = None) -> float:
+    """Test accuracy (percent); with ``per_class_into``, appends the per-class accuracies of this model."""
     was = model.training
     model.eval()
-    correct = 0
+    hits = []
     for i in range(0, X.shape[0], batch_size):
-        correct += int((model(X[i:i + batch_size]).argmax(1) == Y[i:i + batch_size]).sum())
+        hits.append(model(X[i:i + batch_size]).argmax(1) == Y[i:i + batch_size])
     model.train(was)
-    return 100.0 * correct / max(X.shape[0], 1)
+    correct = torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
+    if per_class_into is not None:
+        C = int(num_classes if num_classes is not None else (int(Y.max()) + 1 if Y.numel() else 1))
+        per_class_into.append(_class_accuracy(correct, Y, C))
+    return 100.0 * int(correct.sum()) / max(X.shape[0], 1)
 
 
 @torch.no_grad()
 def _accuracy_vmapped(template: nn.Module, flats: torch.Tensor, X: torch.Tensor, Y: torch.Tensor,
-                      batch_size: int) -> List[float]:
+                      batch_size: int, per_class_into: Optional[List[List[float]]] = None,
+                      num_classes: Optional[int] = None) -> List[float]:
     template.eval()
-    correct = torch.zeros(flats.shape[0], dtype=torch.long)
+    hits = []
     for i in range(0, X.shape[0], batch_size):
         pred = batched_forward(template, flats, X[i:i + batch_size]).argmax(-1)  # [K, b]
-        correct += (pred == Y[i:i + batch_size].view(1, -1)).sum(1).cpu()
-    return [100.0 * int(c) / max(X.shape[0], 1) for c in correct]
+        hits.append(pred == Y[i:i + batch_size].view(1, -1))
+    correct = torch.cat(hits, 1) if hits else torch.zeros(flats.shape[0], 0, dtype=torch.bool)
+    if per_class_into is not None:
+        C = int(num_classes if num_classes is not None else (int(Y.max()) + 1 if Y.numel() else 1))
+        per_class_into.extend(_class_accuracy(c, Y, C) for c in correct)
+    return [100.0 * int(c) / max(X.shape[0], 1) for c in correct.sum(1).cpu()]
 
 
 def evaluate_model(model: nn.Module, test_set, transform=None, batch_size: int = 1024,
-                   device: Optional[str] = None) -> float:
+                   device: Optional[str] = None, per_class_into: Optional[List[List[float]]] = None) -> float:
     """Test accuracy (percent) of a trained ``model`` on ``test_set`` (ImageDataset or ``(images, labels)``),
     after applying ``transform`` to the test images. The model is put in eval mode for the pass and
-    restored afterwards. Raises ``ValueError`` for mismatched shapes."""
-    Xt, Yt, _ = _test_tensors(test_set)
+    restored afterwards. ``per_class_into``: a list to which the per-class accuracies (percent, ``[C]``, C from
+    the test set) are appended. Raises ``ValueError`` for mismatched shapes."""
+    Xt, Yt, C = _test_tensors(test_set)
     dev = torch.device(device) if device else next(model.parameters()).device
     Xt = Xt.to(dev)
     if transform is not None:
         Xt = transform(Xt)
-    return _accuracy(model, Xt, Yt.to(dev).long(), batch_size)
+    return _accuracy(model, Xt, Yt.to(dev).long(), batch_size, per_class_into, C)
 
 
 def _prepare(images, labels, test_set, cfg: EvalConfig, transform, images_transformed: bool):
@@ -584,11 +616,12 @@ def evaluate_synset(images: torch.Tensor, labels: torch.Tensor, test_set, *, con
     template = _new_model(cfg, X.shape[1], C, im_size, 0).to(X.device)
     vm = _use_vmap(cfg, template, X.shape[0])
     accs: List[float] = []
+    per_class: List[List[float]] = []
     if vm:
         flats0 = torch.stack([flat_params(_new_model(cfg, X.shape[1], C, im_size, k)).detach()
                               for k in range(cfg.num_runs)]).to(X.device)
         flats = _train_vmapped(template, flats0, X, Y, cfg, loss_kind, w)
-        accs = _accuracy_vmapped(template, flats, Xt, Yt, cfg.eval_batch_size)
+        accs = _accuracy_vmapped(template, flats, Xt, Yt, cfg.eval_batch_size, per_class, C)
         if log:
             for k, a in enumerate(accs):
                 log(f"run {k}: {a:.2f}%")
@@ -596,7 +629,7 @@ def evaluate_synset(images: torch.Tensor, labels: torch.Tensor, test_set, *, con
         for k in range(cfg.num_runs):
             model = _new_model(cfg, X.shape[1], C, im_size, k).to(X.device)
             _train_loop(model, X, Y, cfg, loss_kind, k, w, None)
-            accs.append(_accuracy(model, Xt, Yt, cfg.eval_batch_size))
+            accs.append(_accuracy(model, Xt, Yt, cfg.eval_batch_size, per_class, C))
             if log:
                 log(f"run {k}: {accs[-1]:.2f}% ({time.perf_counter() - t0:.1f} s)")
     info = cfg.to_dict()
@@ -604,7 +637,7 @@ def evaluate_synset(images: torch.Tensor, labels: torch.Tensor, test_set, *, con
                  "num_classes": C, "label_kind": "soft" if Y.is_floating_point() else "hard",
                  "transform": _transform_name(transform), "images_transformed": bool(images_transformed),
                  "vmapped": bool(vm), "num_params": num_params(template)})
-    return EvalResult.from_accs(accs, time.perf_counter() - t0, info)
+    return EvalResult.from_accs(accs, time.perf_counter() - t0, info, per_class)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -679,11 +712,14 @@ def evaluate_sharded(images: torch.Tensor, labels: torch.Tensor, test_set, *, co
             cb = (lambda run: (lambda epoch, model: epoch_callback(run, epoch) if epoch > 0 else None))(k)
         model = train_classifier(images, labels, config=cfg, num_classes=num_classes, transform=transform,
                                  images_transformed=images_transformed, weights=weights, run=k, callback=cb)
-        mine[k] = float(evaluate_model(model, test_set, transform=transform, batch_size=cfg.eval_batch_size,
-                                       device=cfg.device))
+        pc: List[List[float]] = []
+        acc = float(evaluate_model(model, test_set, transform=transform, batch_size=cfg.eval_batch_size,
+                                   device=cfg.device, per_class_into=pc))
+        mine[k] = (acc, pc[0])
         if log:
-            log(f"rank {dd.rank()} run {k}: {mine[k]:.2f}%")
-    accs = dd.gather_by_index(cfg.num_runs, mine)
+            log(f"rank {dd.rank()} run {k}: {acc:.2f}%")
+    got = dd.gather_by_index(cfg.num_runs, mine)
+    accs = [g[0] for g in got]
     seconds = max(dd.all_gather_object(time.perf_counter() - t0))
     info = cfg.to_dict()
     info.update({"n_train": int(images.shape[0]), "label_kind": "soft" if labels.is_floating_point() else "hard",
@@ -691,4 +727,4 @@ def evaluate_sharded(images: torch.Tensor, labels: torch.Tensor, test_set, *, co
                  "sharded_over_ranks": dd.world_size(), "loss_resolved": cfg.loss or (
                      "soft_ce" if labels.is_floating_point() else "ce"),
                  "transform": getattr(transform, "kind", "none") if transform is not None else "none"})
-    return EvalResult.from_accs(accs, seconds, info)
+    return EvalResult.from_accs(accs, seconds, info, [g[1] for g in got])

@@ -277,6 +277,7 @@ def _study_points(cells: Sequence[Dict[str, Any]]) -> Dict[Tuple[str, int], Dict
     """``{(noise kind, ipc): {row: [(rate, mean accuracy)]}}`` from finished sweep cells; the clean runs
     (``none``) join every kind's panel at rate 0. Rows: each method (+ TAD) and each baseline row."""
     panels: Dict[Tuple[str, int], Dict[str, Dict[float, List[float]]]] = {}
+    cells = [c for c in cells if c.get("imbalance") is None]  # the noise-rate study is on balanced sets
     kinds = sorted({_noise_kind_rate(str(c["noise"]))[0] for c in cells} - {"none"}) or ["none"]
     for c in cells:
         kind, rate = _noise_kind_rate(str(c["noise"]))
@@ -431,6 +432,46 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def per_class_table(res: Dict[str, Any], classes: Sequence[str], method: str = "distilled",
+                    long_tailed: bool = False) -> str:
+    """Markdown table of per-class test accuracy: one row per class, one column per result that recorded it
+    (``results[key]["per_class"]``), plus distilled minus full noisy when both are there; ``long_tailed``: plus
+    the head / middle / tail means (:func:`class_groups`). "" when the distilled set has no per-class figures."""
+    d = (res.get("distilled") or {}).get("per_class")
+    if not d:
+        return ""
+    keys = [k for k in RESULT_ROWS if (res.get(k) or {}).get("per_class") and len(res[k]["per_class"]) == len(d)]
+    names = {k: (f"{method} distilled" if k == "distilled" else k.replace("_", " ")) for k in keys}
+    fn = (res.get("full_noisy") or {}).get("per_class")
+    head = ["class"] + [names[k] for k in keys] + (["distilled - full noisy"] if fn and len(fn) == len(d) else [])
+    rows = []
+    for c in range(len(d)):
+        name = classes[c] if c < len(classes) else str(c)
+        row = [name] + [f"{res[k]['per_class'][c]:.1f}" for k in keys]
+        if fn and len(fn) == len(d):
+            row.append(f"{d[c] - fn[c]:+.1f}")
+        rows.append(row)
+    if long_tailed:
+        for group, idx in class_groups(len(d)).items():
+            row = [f"**{group}** (classes {idx[0]}-{idx[-1]})"]
+            row += [f"{sum(res[k]['per_class'][c] for c in idx) / len(idx):.1f}" for k in keys]
+            if fn and len(fn) == len(d):
+                row.append(f"{sum(d[c] - fn[c] for c in idx) / len(idx):+.1f}")
+            rows.append(row)
+    return _table(head, rows)
+
+
+def class_groups(num_classes: int) -> Dict[str, List[int]]:
+    """Head / middle / tail classes of a long-tailed set whose class index orders the sizes (class 0 the
+    largest; :func:`ddfast.data.long_tailed_counts`): the first, middle and last third of the indices (the
+    middle group takes the remainder: 3 / 4 / 3 for 10 classes)."""
+    k = max(1, num_classes // 3)
+    idx = list(range(num_classes))
+    if num_classes < 3:
+        return {"head": idx[:1], "tail": idx[-1:]} if num_classes == 2 else {"head": idx}
+    return {"head": idx[:k], "middle": idx[k:num_classes - k], "tail": idx[num_classes - k:]}
+
+
 def render_report(m: Dict[str, Any]) -> str:
     """``report.md`` text from a metrics dict (see ``ddfast.pipeline`` for the schema)."""
     cfg = m.get("config", {})
@@ -510,6 +551,18 @@ def render_report(m: Dict[str, Any]) -> str:
                    f"{ev.get('epochs')} epochs, DSA {'on' if ev.get('dsa') else 'off'}, {ev.get('num_runs')} runs. "
                    "The test images go through the same input transform as the synthetic images "
                    f"(`{ev.get('transform', 'none')}`).")
+        out.append("")
+    lt = cfg.get("imbalance")
+    per_class = per_class_table(res, ds.get("classes") or [], method, long_tailed=lt is not None)
+    if per_class:
+        out.append("### Per-class test accuracy (%)")
+        out.append("")
+        out.append("Mean over each row's runs (last epoch for the full-data baselines); the difference column is the "
+                   "distilled set minus the last-epoch full noisy set, so a user sees which classes the compression "
+                   "costs." + (f" Long-tailed training set (n_min / n_max = {float(lt):g}, class 0 the largest): the "
+                               "last rows average the head, middle and tail classes." if lt is not None else ""))
+        out.append("")
+        out.append(per_class)
         out.append("")
 
     # noise
@@ -669,6 +722,12 @@ def _fmt_cell(v: Any) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # sweep table
 # ----------------------------------------------------------------------------------------------------------
+def _col_noise(c: Dict[str, Any]) -> str:
+    """A sweep cell's column label: its noise spec, and ``LT r`` for a long-tailed training set."""
+    lt = c.get("imbalance")
+    return str(c["noise"]) if lt is None else f"{c['noise']} LT {float(lt):g}"
+
+
 def sweep_table(cells: Sequence[Dict[str, Any]], md_path: Optional[str] = None,
                 csv_path: Optional[str] = None) -> Tuple[str, List[List[str]]]:
     """The papers' table shape from finished sweep cells.
@@ -682,7 +741,7 @@ def sweep_table(cells: Sequence[Dict[str, Any]], md_path: Optional[str] = None,
     """
     cols: List[Tuple[str, int]] = []
     for c in cells:
-        key = (str(c["noise"]), int(c["ipc"]))
+        key = (_col_noise(c), int(c["ipc"]))
         if key not in cols:
             cols.append(key)
     vals: Dict[Tuple[str, Tuple[str, int]], List[Dict[str, Any]]] = {}
@@ -698,7 +757,7 @@ def sweep_table(cells: Sequence[Dict[str, Any]], md_path: Optional[str] = None,
     base_rows: List[str] = []
     seen_base = set()
     for c in cells:
-        col = (str(c["noise"]), int(c["ipc"]))
+        col = (_col_noise(c), int(c["ipc"]))
         res = (c.get("metrics") or {}).get("results", {})
         name = str(c["method"]).upper() + (" + TAD" if c.get("tad") else "")
         add(name, col, res.get("distilled"))

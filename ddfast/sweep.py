@@ -8,6 +8,8 @@ The YAML file (see ``examples/sweep_fmnist.yaml``)::
     ipc: [10]
     tad: [false, true]
     seeds: [0]
+    imbalance: [null]               # optional: long-tailed training sets, n_min / n_max (null = all images);
+                                    # such cells go to OUT/<method>[-tad]/<noise>-lt<R>/ipc<K>/seed<S>
     preset: quick
     out: runs/sweep_fmnist          # cells go to OUT/<method>[-tad]/<noise>/ipc<K>/seed<S>
     device: auto                    # optional
@@ -43,9 +45,10 @@ from .io import atomic_write_json, load_json
 
 __all__ = ["load_sweep", "expand_cells", "run_sweep", "SWEEP_KEYS"]
 
-SWEEP_KEYS = ("dataset", "methods", "noise", "ipc", "tad", "seeds", "preset", "out", "device", "eval_runs",
-              "baselines", "overrides", "method_overrides", "cache_dir", "data_root", "quiet", "noise_seed", "extra")
-GRID_AXES = ("methods", "noise", "ipc", "tad", "seeds")
+SWEEP_KEYS = ("dataset", "methods", "noise", "ipc", "tad", "seeds", "imbalance", "preset", "out", "device",
+              "eval_runs", "baselines", "overrides", "method_overrides", "cache_dir", "data_root", "quiet",
+              "noise_seed", "extra")
+GRID_AXES = ("methods", "noise", "ipc", "tad", "seeds", "imbalance")
 
 
 def _as_list(v) -> List[Any]:
@@ -82,6 +85,8 @@ def load_sweep(path: str) -> Dict[str, Any]:
     spec.setdefault("ipc", [10])
     spec.setdefault("tad", [False, True])
     spec.setdefault("seeds", [0])
+    if spec.get("imbalance") is None:
+        spec["imbalance"] = [None]  # balanced (all images)
     spec.setdefault("preset", "quick")
     spec.setdefault("out", os.path.join("runs", "sweep"))
     for k in GRID_AXES:
@@ -113,6 +118,10 @@ def load_sweep(path: str) -> Dict[str, Any]:
             for v in grid.get(k, []):
                 if isinstance(v, bool) or not isinstance(v, int):
                     raise UsageError(f"{path}: '{k}' entries must be integers, got {v!r}")
+        for v in grid.get("imbalance", []):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1):
+                raise UsageError(f"{path}: 'imbalance' entries must be ratios n_min / n_max in (0, 1] or null, "
+                                 f"got {v!r}")
     spec["_path"] = os.path.abspath(path)
     return spec
 
@@ -124,8 +133,10 @@ def _path_part(text: str) -> str:
     return part or "_"
 
 
-def _cell_name(method: str, tad: bool, noise: str, ipc: int, seed: int) -> str:
-    return f"{_path_part(method)}{'-tad' if tad else ''}/{_path_part(noise.replace(':', ''))}/ipc{ipc}/seed{seed}"
+def _cell_name(method: str, tad: bool, noise: str, ipc: int, seed: int, imbalance: Optional[float] = None) -> str:
+    lt = "" if imbalance is None else f"-lt{float(imbalance):g}"
+    return (f"{_path_part(method)}{'-tad' if tad else ''}/{_path_part(noise.replace(':', '') + lt)}/ipc{ipc}/"
+            f"seed{seed}")
 
 
 def expand_cells(spec: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -143,13 +154,14 @@ def expand_cells(spec: Dict[str, Any]) -> List[Dict[str, Any]]:
     grids = [spec] + [{**{k: spec[k] for k in GRID_AXES}, **e} for e in (spec.get("extra") or [])]
     combos = []
     for grid in grids:
-        for combo in itertools.product(grid["methods"], grid["tad"], grid["noise"], grid["ipc"], grid["seeds"]):
+        for combo in itertools.product(grid["methods"], grid["tad"], grid["noise"], grid["ipc"], grid["seeds"],
+                                       grid["imbalance"]):
             if combo not in combos:
                 combos.append(combo)
     # a method's cells together (they share its expert / pool caches); otherwise the grid order
     order = {m: i for i, m in enumerate(dict.fromkeys([c[0] for c in combos]))}
     combos.sort(key=lambda c: order[c[0]])
-    for method, tad, noise, ipc, seed in combos:
+    for method, tad, noise, ipc, seed, imbalance in combos:
         if not isinstance(tad, bool):
             raise UsageError(f"sweep: 'tad' entries must be true/false, got {tad!r}")
         ov: Dict[str, Dict[str, Any]] = {k: dict(v) for k, v in base_ov.items()}
@@ -157,16 +169,18 @@ def expand_cells(spec: Dict[str, Any]) -> List[Dict[str, Any]]:
             ov.setdefault(sec, {}).update(kv)
         if not tad:
             ov.pop("tad", None)  # TAD options only apply to the cells with TAD
-        name = _cell_name(str(method), tad, str(noise), int(ipc), int(seed))
+        name = _cell_name(str(method), tad, str(noise), int(ipc), int(seed), imbalance)
         out = os.path.join(spec["out"], name)
         cfg = RunConfig(dataset=str(spec["dataset"]), noise=str(noise), method=str(method).lower(), tad=tad,
                         ipc=int(ipc), preset=str(spec["preset"]), seed=int(seed),
+                        imbalance=None if imbalance is None else float(imbalance),
                         noise_seed=spec.get("noise_seed"), out=out,
                         device=str(spec.get("device") or "auto"), eval_runs=spec.get("eval_runs"),
                         baselines=tuple(baselines), data_root=spec.get("data_root"),
                         cache_dir=spec.get("cache_dir"), overrides=ov, quiet=bool(spec.get("quiet", False)))
         cells.append({"name": name, "out": out, "config": cfg, "method": str(method).lower(), "tad": tad,
-                      "noise": str(noise), "ipc": int(ipc), "seed": int(seed)})
+                      "noise": str(noise), "ipc": int(ipc), "seed": int(seed),
+                      "imbalance": None if imbalance is None else float(imbalance)})
     return cells
 
 
@@ -197,7 +211,7 @@ def run_sweep(spec: Dict[str, Any], only: Optional[str] = None, dry_run: bool = 
     failed = 0
     for i, c in enumerate(cells):
         state = _state(c["out"])
-        entry = {k: c[k] for k in ("name", "out", "method", "tad", "noise", "ipc", "seed")}
+        entry = {k: c[k] for k in ("name", "out", "method", "tad", "noise", "ipc", "seed", "imbalance")}
         entry["state"] = state
         if dry_run:
             summary_cells.append(entry)

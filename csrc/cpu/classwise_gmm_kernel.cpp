@@ -13,7 +13,8 @@
 //   M-step is scikit-learn's: n_k = S_k + 10 eps, mean = (M_k + mu_k S_k) / n_k,
 //   var = (Q_k - 2 d M_k + d^2 S_k) / n_k + reg_covar with d = mean - mu_k, w_k = n_k / (n_0 + n_1).
 //   A class stops after the iteration whose mean log-likelihood changed by less than tol (scikit-learn's rule).
-// Finally the components are ordered by mean and one more pass writes each sample's posterior of component 0.
+// Finally the components are ordered by mean (ties, means within kTieSd standard deviations, keep their order)
+// and one more pass writes each sample's posterior of component 0.
 // Per-sample math is in the accumulation dtype (float32, float64 for float64 values); class parameters and
 // sums in double. The inner loops are `omp simd` reductions in AVX-512 / AVX2 / baseline clones.
 
@@ -36,6 +37,9 @@ using namespace trust_math;
 constexpr int64_t kChunk = 4096;  // values per work item
 constexpr int64_t kBlock = 64;    // values per log-likelihood product (each factor is in (1, 2])
 constexpr double kLog2Pi = 1.8378770664093454836;
+// Means closer than kTieSd standard deviations are a tie (the components are indistinguishable; rounding, not
+// the data, would pick an order): tied components keep their EM order, on every backend.
+constexpr double kTieSd = 1e-3;
 
 template <typename T>
 struct CompParams {  // one class's two components, in the form the E-step uses
@@ -235,7 +239,7 @@ void gmm_impl(const at::Tensor& values, const at::Tensor& labels, int64_t C, int
   T* mo = mu_out.mutable_data_ptr<T>();
   T* vo = var_out.mutable_data_ptr<T>();
   for (int64_t c = 0; c < C; ++c) {
-    if (mu[2 * c + 1] < mu[2 * c]) {
+    if (mu[2 * c + 1] < mu[2 * c] - kTieSd * std::sqrt(std::max(var[2 * c], var[2 * c + 1]))) {
       std::swap(w[2 * c], w[2 * c + 1]);
       std::swap(mu[2 * c], mu[2 * c + 1]);
       std::swap(var[2 * c], var[2 * c + 1]);

@@ -53,14 +53,14 @@ using nap::Geom;
 
 template <int ACT, typename T>
 C10_ALWAYS_INLINE T cpu_act_value(T y, T beta) {
-  if (ACT == nap::kReLU) return y > T(0) ? y : T(0);
+  if (ACT == nap::kReLU) return y < T(0) ? T(0) : y;  // NaN passes through, as torch.relu
   const T z = y * beta;
   const T az = z < T(0) ? -z : z;
   const T t = trust_math::exp_nonpos(-az);
   const T u = T(1) + t;
   const T l1p = u == T(1) ? t : trust_math::log_ge1(u) * (t / (u - T(1)));
   const T sp = ((z > T(0) ? z : T(0)) + l1p) / beta;
-  return z > T(nap::kSoftplusThreshold) ? y : sp;
+  return z > T(nap::kSoftplusThreshold) || z != z ? y : sp;  // NaN passes through, as torch's softplus
 }
 
 template <int ACT, typename T>

@@ -34,6 +34,7 @@ constexpr int kThreads = 256;
 constexpr int64_t kChunk = 2048;  // samples per block (8 per thread)
 constexpr int kCheckEvery = 8;
 constexpr double kLog2Pi = 1.8378770664093454836;
+constexpr double kTieSd = 1e-3;  // ordering tie band, in standard deviations (as the CPU kernel)
 
 __device__ __forceinline__ float dexp(float x) { return expf(x); }
 __device__ __forceinline__ double dexp(double x) { return exp(x); }
@@ -157,7 +158,8 @@ __global__ void gmm_finalize_kernel(int64_t C, double* __restrict__ w, double* _
                                     T* __restrict__ var_out) {
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
-  if (mu[2 * c + 1] < mu[2 * c]) {
+  // means within kTieSd standard deviations are a tie and keep their order (as the CPU kernel)
+  if (mu[2 * c + 1] < mu[2 * c] - kTieSd * sqrt(fmax(var[2 * c], var[2 * c + 1]))) {
     double t;
     t = w[2 * c]; w[2 * c] = w[2 * c + 1]; w[2 * c + 1] = t;
     t = mu[2 * c]; mu[2 * c] = mu[2 * c + 1]; mu[2 * c + 1] = t;

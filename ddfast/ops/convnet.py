@@ -116,6 +116,8 @@ def norm_act_pool(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: 
 
     Equal, to float rounding, to ``F.avg_pool2d(act(F.group_norm(x, C, weight, bias, eps)), 2)`` -- what
     ``GroupNorm(C, C) -> ReLU -> AvgPool2d(2, 2)`` computes -- and differentiable twice (``create_graph=True``).
+    On the network's hot path there is no finiteness check: NaN / inf propagate exactly as through the composite
+    (a NaN in an (image, channel) plane makes that plane's output NaN), on every backend.
 
     Args:
         x: ``Tensor[N, C, H, W]`` (the convolution's output), any layout; float32 or float64 for the compiled

@@ -322,7 +322,10 @@ def classwise_gmm(values: Tensor, labels: Tensor, num_classes: int, num_iters: i
     with no samples weights ``(1/2, 1/2)``, means ``(0, 0)``, variances ``(reg_covar, reg_covar)``, and a
     class whose values are all equal (a single sample included) two identical components at that value
     with variance ``reg_covar``, which EM keeps: its samples get ``posterior_low = 1/2`` (no evidence either
-    way). Components whose means are equal keep their order.
+    way). Components whose means differ by less than 1e-3 standard deviations (the larger of the two) are
+    indistinguishable and keep their EM order instead of being sorted, so that rounding (float32 sums in
+    another order, another backend) never decides which one is "low"; e.g. values around 1e-12 with
+    ``reg_covar=1e-6`` give such a tie.
 
     Args:
         values (Tensor[N]): float32 or float64, finite (e.g. :func:`sample_stats`' loss or its EMA); any

@@ -17,7 +17,7 @@ from ..data import DatasetNotFoundError, load_dataset
 from ..distill.base import SyntheticSet
 from ..evaluate import evaluate_synthetic_set, synset_eval_config
 from ..io import atomic_write_json, atomic_write_text, load_json
-from ..models import MODEL_NAMES
+from ..models import MODEL_NAMES, get_model
 from ..report import plot_baseline_curves, plot_curves, plot_tad_rounds, render_report, save_synset_grid
 from .config import RunConfig, UsageError, resolve, resolve_device
 from .stages import (RunContext, RunDir, RunDirLock, StageRunner, baseline_stage, check_run_dir, distill_stage,
@@ -61,6 +61,18 @@ def _last(history: Sequence[Dict[str, Any]], key: str) -> Optional[float]:
     return None
 
 
+def _check_image_size(train) -> None:
+    """Every method distils and evaluates with ConvNet-3 (three conv / norm / pool blocks) at the dataset's
+    resolution, so its images must survive three 2x2 poolings; a smaller image is a usage error found before
+    the run directory is touched."""
+    try:
+        get_model("convnet", train.in_channels, train.num_classes, train.im_size, width=1)
+    except ValueError as exc:
+        h, w = train.im_size
+        raise UsageError(f"{train.name}: images of {h}x{w} pixels are too small for ConvNet-3, the network every "
+                         f"method trains ({exc}); at least 8x8 pixels are needed") from None
+
+
 def _start(cfg: RunConfig, argv) -> Optional[RunContext]:
     """Checks everything, loads the data, makes the noise, claims the run directory. None: a finished run."""
     resolved = resolve(cfg)
@@ -72,6 +84,7 @@ def _start(cfg: RunConfig, argv) -> Optional[RunContext]:
     if train.name != cfg.dataset:  # presets depend on the dataset's canonical name
         resolved = resolve(cfg, dataset_name=train.name)
     noisy = runner.timed("noise", lambda: make_noise(cfg, train))
+    _check_image_size(train)
     counts = torch.bincount(noisy.labels, minlength=train.num_classes)
     if int(counts.min()) < cfg.ipc:
         c = int(counts.argmin())

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from .. import distributed as dd
 from ..baselines import DECODED_SUBSET, describe_baseline, run_baseline
-from ..data import DatasetNotFoundError, load_dataset, load_human_labels
+from ..data import DatasetNotFoundError, load_dataset, load_human_labels, long_tailed_indices
 from ..distill import make_distiller
 from ..distill.base import SyntheticSet, TrainSet, peak_memory_bytes
 from ..evaluate import evaluate_synthetic_set, synset_eval_config
@@ -310,6 +310,9 @@ def load_data(cfg: RunConfig, data_opts) -> Tuple[Any, Any]:
             ic = (train.labels == c).nonzero().flatten()
             idx.append(ic[torch.randperm(ic.numel(), generator=g)[: int(data_opts.train_per_class)]])
         train = train.subset(torch.cat(idx).sort().values)
+    if cfg.imbalance is not None and float(cfg.imbalance) < 1.0:
+        # long-tailed training set from the clean labels, before the noise (the test set stays balanced)
+        train = train.subset(long_tailed_indices(train.labels, train.num_classes, float(cfg.imbalance), cfg.seed))
     if data_opts.test_limit:
         test = limit_test_set(test, data_opts.test_limit)
     return train, test
@@ -522,6 +525,8 @@ def result_dict(res, **extra) -> Dict[str, Any]:
     """An :class:`~ddfast.evaluate.EvalResult` as the JSON row of ``metrics.json``."""
     d = {"mean": float(res.mean), "std": float(res.std), "accs": [float(a) for a in res.accs],
          "seconds": float(res.seconds), "eval": res.config}
+    if getattr(res, "per_class", None) is not None:
+        d["per_class"] = [float(a) for a in res.per_class]
     d.update(extra)
     return d
 

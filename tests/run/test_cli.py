@@ -70,6 +70,8 @@ BAD = [
     (["run", "--dataset", "digits", "--device", "cuda:0"] if not torch.cuda.is_available()
      else ["run", "--dataset", "digits", "--device", "tpu"], "device"),
     (["run", "--bogus-flag"], "unrecognized arguments"),
+    (["run", "--dataset", "digits", "--imbalance", "0"], "imbalance"),
+    (["run", "--dataset", "digits", "--imbalance", "abc"], "imbalance"),
     (["evaluate", "no/such/dir"], "no synthetic set"),
     (["sweep", "missing.yaml"], "no such sweep file"),
     (["frobnicate"], "invalid choice"),
@@ -267,6 +269,30 @@ overrides: {distill: {iterations: 1}, eval: {epochs: 1}}
     assert out.count("done earlier, skipped") == 2 and "| training data | sym:0.4 @ IPC 2 |" in out
 
 
+def test_imbalance_option_reaches_the_run(tmp_path, monkeypatch, capsys):
+    """--imbalance subsamples the training set to the long-tailed profile before the noise (metrics record the
+    size), names the default run folder, and appears in the sweep's cell names."""
+    monkeypatch.chdir(tmp_path)
+    cfg = cli._run_config(cli.build_parser().parse_args(["run", "--dataset", "digits", "--imbalance", "0.25"]))
+    assert cfg.imbalance == 0.25 and "-lt0.25-" in cfg.out and "--imbalance 0.25" in cfg.command()
+    rc = cli.main(["run", "--dataset", "digits", "--method", "fake", "--ipc", "2", "--baselines", "none",
+                   "--imbalance", "0.25", "--noise", "none", "--out", "r", "-O", "distill.iterations=1",
+                   "-O", "eval.epochs=1", "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    from ddfast.data import load_dataset, long_tailed_counts
+    sizes = torch.bincount(load_dataset("digits").labels, minlength=10).tolist()
+    assert m["dataset"]["n_train"] == sum(long_tailed_counts(sizes, 0.25))
+    assert m["config"]["imbalance"] == 0.25 and "per_class" in m["results"]["distilled"]
+    (tmp_path / "lt.yaml").write_text("dataset: digits\nmethods: [fake]\nnoise: [none]\nipc: [2]\ntad: [false]\n"
+                                      "imbalance: [null, 0.1]\nout: sw\n")
+    assert cli.main(["sweep", "lt.yaml", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "fake/none/ipc2/seed0" in out and "fake/none-lt0.1/ipc2/seed0" in out
+    (tmp_path / "bad.yaml").write_text("dataset: digits\nimbalance: [2]\n")
+    assert cli.main(["sweep", "bad.yaml", "--dry-run"]) == 2
+
+
 def test_bad_label_files_one_line_naming_the_option(tmp_path, monkeypatch, capsys):
     """A corrupt or malicious .pt label file names --label-file and never suggests unsafe loading; an empty .txt
     file gives one line without library warnings."""
@@ -308,3 +334,20 @@ def test_corrupt_synthetic_set_is_named(tmp_path, monkeypatch, capsys):
     rc = cli.main(["evaluate", str(d)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "synset.json" in err[0] and "corrupt" in err[0], err
+
+
+def test_images_too_small_for_the_network_fail_before_any_file(tmp_path, monkeypatch, capsys):
+    """A dataset of 1x1-pixel images is refused with one line before the run directory is created."""
+    from safetensors.torch import save_file
+
+    monkeypatch.chdir(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    save_file({"images": torch.rand(40, 1, 1, 1, generator=g), "labels": torch.arange(40) % 2},
+              str(tmp_path / "pixels.safetensors"))
+    rc = cli.main(["run", "--dataset", "pixels.safetensors", "--method", "fake", "--ipc", "2", "--baselines", "none",
+                   "--out", "r", "-O", "distill.iterations=1", "-O", "eval.epochs=1", "--quiet"])
+    cap = capsys.readouterr()
+    lines = cap.err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1, cap.err
+    assert "1x1 pixels" in lines[0] and "too small" in lines[0]
+    assert not (tmp_path / "r").exists()

@@ -286,3 +286,27 @@ def test_dataset_container_validation_and_subset():
         D.ImageDataset(torch.rand(2, 1, 2, 2), torch.tensor([0, 5]), ["a", "b"], (0.5,), (0.2,), "x")
     with pytest.raises(ValueError, match="float32"):
         D.ImageDataset(torch.rand(2, 1, 2, 2).double(), torch.tensor([0, 1]), ["a", "b"], (0.5,), (0.2,), "x")
+
+
+def test_long_tailed_counts_are_cifar10_lt():
+    """The exponential profile gives CIFAR-10-LT's published class sizes (Cao et al., NeurIPS 2019: 5,000 images
+    per class, imbalance 100 and 10)."""
+    assert D.long_tailed_counts([5000] * 10, 0.01) == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+    assert D.long_tailed_counts([5000] * 10, 0.1) == [5000, 3871, 2997, 2320, 1796, 1391, 1077, 834, 645, 500]
+    assert D.long_tailed_counts([5000] * 10, 1.0) == [5000] * 10
+    assert D.long_tailed_counts([10, 3, 10], 0.5) == [10, 3, 5]  # capped at what a class has
+    for bad in (0.0, -0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="imbalance ratio"):
+            D.long_tailed_counts([5] * 3, bad)
+
+
+def test_long_tailed_indices_exact_counts_and_seeded():
+    y = torch.arange(10).repeat_interleave(200)[torch.randperm(2000, generator=torch.Generator().manual_seed(1))]
+    idx = D.long_tailed_indices(y, 10, 0.05, seed=3)
+    counts = torch.bincount(y[idx], minlength=10).tolist()
+    assert counts == D.long_tailed_counts([200] * 10, 0.05) and counts[0] == 200 and counts[-1] == 10
+    assert torch.equal(idx, idx.unique()) and idx.dtype == torch.int64  # sorted, no repeats
+    assert torch.equal(idx, D.long_tailed_indices(y, 10, 0.05, seed=3))
+    assert not torch.equal(idx, D.long_tailed_indices(y, 10, 0.05, seed=4))
+    with pytest.raises(ValueError, match="labels"):
+        D.long_tailed_indices(torch.tensor([0, 11]), 10, 0.5)

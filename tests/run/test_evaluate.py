@@ -31,6 +31,33 @@ def test_harness_learns_digits(digits):
     assert back.accs == r.accs and back.config == json.loads(json.dumps(r.config))
 
 
+@pytest.mark.parametrize("vmap", [False, True])
+def test_per_class_accuracy_against_a_slow_loop(digits, vmap):
+    """The per-class accuracies of each run average to EvalResult.per_class; weighted by the class sizes they give
+    back the run's accuracy; and a slow per-image loop over the trained model gives the same numbers."""
+    tr, te = digits
+    X, Y = tr.images[:200], tr.labels[:200]
+    cfg = E.EvalConfig(model_kwargs={"width": 4, "depth": 2}, epochs=2, batch_size=32, lr=0.05, num_runs=2,
+                       dsa=False, optimizer="sgd", num_classes=10)
+    r = E.evaluate_synset(X, Y, te, config=cfg, vmap=vmap)
+    assert r.config["vmapped"] is vmap and len(r.per_class) == 10
+    n_c = torch.bincount(te.labels, minlength=10).double()
+    assert float((torch.tensor(r.per_class, dtype=torch.float64) * n_c).sum() / n_c.sum()) == pytest.approx(
+        r.mean, abs=1e-9)
+    # slow reference on run 0's model (trained exactly as the harness trains run 0)
+    m = E.train_classifier(X, Y, config=cfg, run=0, num_classes=10).eval()
+    hit, tot = [0] * 10, [0] * 10
+    with torch.no_grad():
+        for x, y in zip(te.images, te.labels):
+            tot[int(y)] += 1
+            hit[int(y)] += int(m(x[None]).argmax(1).item() == int(y))
+    pc = []
+    acc = E.evaluate_model(m, te, per_class_into=pc)
+    assert pc[0] == pytest.approx([100.0 * h / t for h, t in zip(hit, tot)], abs=1e-9)
+    assert acc == pytest.approx(100.0 * sum(hit) / sum(tot), abs=1e-9)
+    assert E.EvalResult.from_json(r.to_json()).per_class == r.per_class
+
+
 def test_soft_labels_with_dsa_learn(digits):
     tr, te = digits
     soft = 5.0 * F.one_hot(tr.labels, 10).float()  # label logits

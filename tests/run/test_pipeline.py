@@ -104,6 +104,20 @@ def test_report_tad_per_class_table():
     assert "| 0 | 4 |" in text and "precision" not in text.split("Trusted set per class")[1].split("\n\n")[1]
 
 
+def test_report_per_class_accuracy_table():
+    from ddfast.report import render_report
+
+    res = {"distilled": {"mean": 60.0, "std": 0.0, "accs": [60.0], "per_class": [80.0, 40.0]},
+           "full_noisy": {"mean": 70.0, "std": 0.0, "accs": [70.0], "per_class": [90.0, 50.0]},
+           "random_subset": {"mean": 50.0, "std": 0.0, "accs": [50.0]}}  # no per-class figures: no column
+    text = render_report({"dataset": {"classes": ["cat", "dog"]}, "config": {"method": "dance"}, "results": res})
+    assert "### Per-class test accuracy (%)" in text
+    assert "| cat | 80.0 | 90.0 | -10.0 |" in text and "| dog | 40.0 | 50.0 | -10.0 |" in text
+    assert "random subset" not in text.split("### Per-class test accuracy (%)")[1].split("\n\n")[2]
+    del res["distilled"]["per_class"]
+    assert "Per-class test accuracy" not in render_report({"dataset": {}, "results": res})
+
+
 def test_report_titles_without_label_noise():
     from ddfast.report import baseline_title, render_report
 

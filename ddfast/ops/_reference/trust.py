@@ -80,6 +80,9 @@ def sample_stats_ema_(logits: Tensor, labels: Tensor, ema: Tensor, momentum: flo
 # classwise_gmm
 # --------------------------------------------------------------------------------------------------
 _LOG_2PI = math.log(2.0 * math.pi)
+# Two components whose means differ by less than this many standard deviations are indistinguishable: their
+# order would be decided by rounding, not by the data, so they keep their EM order (same rule in the kernels).
+GMM_TIE_SD = 1e-3
 
 
 def _log_prob(x: Tensor, y: Tensor, w: Tensor, mu: Tensor, var: Tensor) -> Tensor:
@@ -92,7 +95,7 @@ def classwise_gmm(values: Tensor, labels: Tensor, num_classes: int, num_iters: i
                   reg_covar: float, init_weights: Tensor, init_means: Tensor, init_variances: Tensor):
     """Per-class two-component 1-D GMM by EM, all classes at once (see ddfast.ops.classwise_gmm).
 
-    Mirrors scikit-learn's ``GaussianMixture.fit`` step for step: an E-step with the current parameters
+    Mirrors scikit-learn's ``GaussianMixture.fit`` step for step, in float64 whatever ``values``' dtype: an E-step with the current parameters
     (its mean log-likelihood is the convergence criterion), an M-step with ``nk = sum(resp) + 10 eps``,
     ``mean = sum(resp x) / nk``, ``var = sum(resp (x - mean)^2) / nk + reg_covar``, ``weight = nk / sum(nk)``;
     a class stops after the iteration whose log-likelihood changed by less than ``tol``. Classes with fewer
@@ -101,12 +104,13 @@ def classwise_gmm(values: Tensor, labels: Tensor, num_classes: int, num_iters: i
 
     Returns ``(posterior_low [N], weights [C, 2], means [C, 2], variances [C, 2], n_iter [C] int64)``.
     """
-    dt = values.dtype
-    dev = values.device
+    out_dt = values.dtype
+    dt = torch.float64  # the EM runs in float64 (as the kernels' class sums): float32 sums of large, tightly
+    dev = values.device  # clustered values cancel (e.g. values near 1e11 with a spread of 1e5)
     C = num_classes
-    x = values
+    x = values.to(dt)
     y = labels.long()
-    eps10 = 10.0 * torch.finfo(dt).eps
+    eps10 = 10.0 * torch.finfo(out_dt).eps
     w = init_weights.to(dt).clone()
     mu = init_means.to(dt).clone()
     var = init_variances.to(dt).clone()
@@ -140,16 +144,17 @@ def classwise_gmm(values: Tensor, labels: Tensor, num_classes: int, num_iters: i
         converged = (ll - ll_prev).abs() < tol
         ll_prev = torch.where(active, ll, ll_prev)
         active = active & ~converged
-    # component 0 := the lower mean
-    swap = mu[:, 1] < mu[:, 0]
+    # component 0 := the lower mean; means within GMM_TIE_SD standard deviations are a tie and keep their order
+    swap = mu[:, 1] < mu[:, 0] - GMM_TIE_SD * torch.sqrt(torch.maximum(var[:, 0], var[:, 1]))
     order = torch.stack([swap.long(), 1 - swap.long()], dim=1)
     w, mu, var = w.gather(1, order), mu.gather(1, order), var.gather(1, order)
-    # final E-step with the final parameters
+    # final E-step with the final parameters (rounded to the output dtype first, as the kernels do)
+    w, mu, var = w.to(out_dt), mu.to(out_dt), var.to(out_dt)
     if x.numel() > 0:
-        lp = _log_prob(x, y, w, mu, var)
-        post = torch.exp(lp[:, 0] - torch.logsumexp(lp, dim=1))
+        lp = _log_prob(x, y, w.to(dt), mu.to(dt), var.to(dt))
+        post = torch.exp(lp[:, 0] - torch.logsumexp(lp, dim=1)).to(out_dt)
     else:
-        post = torch.empty(0, dtype=dt, device=dev)
+        post = torch.empty(0, dtype=out_dt, device=dev)
     return post, w, mu, var, n_iter
 
 
