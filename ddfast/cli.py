@@ -7,6 +7,7 @@
                --seed S --out DIR [--device cpu|cuda|auto] [--eval-runs N] [--baselines LIST] [--quiet]
     ddfast sweep CONFIG.yaml [--only PATTERN] [--dry-run]
     ddfast evaluate DIR [--model resnet18] [--runs N]
+    ddfast privacy DIR [--samples N] [--reference-epochs E | --no-reference]
     ddfast info
 
 Errors from bad arguments are one line on stderr with exit code 2 (``DDFAST_DEBUG=1`` shows the traceback);
@@ -77,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ddfast", description="Dataset distillation as a label denoiser: distil a noisy-label "
                 "dataset into a few synthetic images per class and compare with what you would otherwise do.")
     p.add_argument("--version", action="version", version=f"ddfast {__version__}")
-    sub = p.add_subparsers(dest="command", parser_class=_Parser, metavar="{run,sweep,evaluate,info}")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser, metavar="{run,sweep,evaluate,privacy,info}")
 
     r = sub.add_parser("run", help="distil, evaluate, run the baselines, write the report (no arguments: the demo)",
                        description="Distil a noisy dataset, evaluate the distilled set with the method's protocol, "
@@ -136,6 +137,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto", help="cpu | cuda | auto")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.add_argument("--quiet", "-q", action="store_true")
+
+    pv = sub.add_parser("privacy", help="nearest training images and membership inference for a run's distilled set",
+                        description="Measure whether the distilled set in DIR copies training images (distance to the "
+                        "nearest training image against test images' distances) and whether a model trained on it "
+                        "leaks membership (loss-threshold attack), beside a model trained on the full noisy set. "
+                        "Writes DIR/privacy.json, privacy.md, privacy_pairs.png and adds the section to report.md.")
+    pv.add_argument("dir", help="a run directory")
+    pv.add_argument("--samples", type=_positive_int, default=1000, help="members / non-members (default 1000)")
+    pv.add_argument("--reference-epochs", type=_positive_int,
+                    help="epochs of the model trained on the full noisy set (default: the baselines' budget)")
+    pv.add_argument("--no-reference", action="store_true", help="skip the full-noisy model (and the feature space)")
+    pv.add_argument("--data-root", help="extra folder searched for dataset files")
+    pv.add_argument("--device", default="auto", help="cpu | cuda | auto")
+    pv.add_argument("--quiet", "-q", action="store_true")
 
     i = sub.add_parser("info", help="versions, compiled extension, datasets found, presets")
     i.add_argument("--json", action="store_true", help="print as JSON")
@@ -251,6 +266,21 @@ def _cmd_evaluate(args, argv) -> int:
     return 0
 
 
+def _cmd_privacy(args, argv) -> int:
+    from .pipeline import privacy_dir
+
+    r = privacy_dir(args.dir, samples=args.samples, reference_epochs=args.reference_epochs,
+                    reference=not args.no_reference, device=args.device, data_root=args.data_root, quiet=args.quiet)
+    a = r["attack"]
+    line = (f"{args.dir}: synthetic images closer to a training image than 99 % of test images: "
+            f"{100 * r['pixel']['share_closer_than_test_p01']:.1f} % (network-input space); membership AUC "
+            f"{a['distilled']['auc']:.3f} for the distilled set's model")
+    if a.get("full_noisy"):
+        line += f", {a['full_noisy']['auc']:.3f} for the full noisy set's"
+    print(line + f" ({os.path.join(args.dir, 'privacy.md')})")
+    return 0
+
+
 def datasets_found() -> List[Dict[str, Any]]:
     """Where each built-in dataset's files are (without loading them)."""
     from .data import DATASETS, search_dirs
@@ -351,7 +381,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command is None:
             parser.print_help()
             return EXIT_USAGE
-        cmd = {"run": _cmd_run, "sweep": _cmd_sweep, "evaluate": _cmd_evaluate, "info": _cmd_info}[args.command]
+        cmd = {"run": _cmd_run, "sweep": _cmd_sweep, "evaluate": _cmd_evaluate, "privacy": _cmd_privacy,
+               "info": _cmd_info}[args.command]
         return cmd(args, argv)
     except _OneLineError as exc:
         print(str(exc), file=sys.stderr)

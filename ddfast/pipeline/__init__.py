@@ -1,7 +1,7 @@
 """The main job as an API: noisy data -> distilled set (+ TAD) -> evaluation -> baselines -> report.
 
-``run(RunConfig(...)) -> metrics dict`` is what ``ddfast run`` does; ``evaluate_dir`` is ``ddfast evaluate``
-and ``environment_info`` is ``ddfast info``. Modules: ``config`` (:class:`RunConfig`, the typed overrides and
+``run(RunConfig(...)) -> metrics dict`` is what ``ddfast run`` does; ``evaluate_dir`` is ``ddfast evaluate``,
+``privacy_dir`` is ``ddfast privacy`` and ``environment_info`` is ``ddfast info``. Modules: ``config`` (:class:`RunConfig`, the typed overrides and
 :func:`resolve`, which checks every setting before any work starts), ``stages`` (the stages and the one
 cached-stage helper, :class:`~ddfast.pipeline.stages.StageRunner`), ``run`` (:func:`run`, :func:`evaluate_dir`).
 
@@ -20,7 +20,7 @@ from ..baselines import BASELINES, DEFAULT_BASELINES, BaselineConfig
 from ..evaluate import synset_eval_config
 from .config import (DEMO, DEMO_OVERRIDES, OVERRIDE_SECTIONS, DataOptions, ResolvedRun, RunConfig, RunConfigMismatch,
                      UsageError, default_cache_dir, parse_overrides, resolve, resolve_device)
-from .run import METRICS_SCHEMA, environment_info, evaluate_dir, run
+from .run import METRICS_SCHEMA, environment_info, evaluate_dir, privacy_dir, run
 
 __all__ = [
     "RunConfig",
@@ -32,6 +32,7 @@ __all__ = [
     "resolve",
     "run",
     "evaluate_dir",
+    "privacy_dir",
     "environment_info",
     "default_cache_dir",
     "BASELINES",

@@ -239,3 +239,65 @@ def evaluate_dir(directory: str, *, model: Optional[str] = None, runs: Optional[
     if write and dd.is_main():
         atomic_write_json(out, os.path.join(directory, "evaluations", f"{ec.model}-{ec.num_runs}runs.json"))
     return out
+
+
+def privacy_dir(directory: str, *, samples: int = 1000, reference_epochs: Optional[int] = None,
+                reference: bool = True, device: str = "auto", data_root: Optional[str] = None,
+                quiet: bool = False) -> Dict[str, Any]:
+    """``ddfast privacy DIR``: the privacy measurements of :mod:`ddfast.privacy` for a finished (or distilled)
+    run. The run's data, noise and synthetic set are rebuilt from ``run.json`` and ``synset.*``; the reference
+    model (trained on the full noisy set with the full-data baselines' protocol, ``reference_epochs`` epochs when
+    given) is trained here unless ``reference=False``. Writes ``DIR/privacy.json``, ``DIR/privacy.md`` and
+    ``DIR/privacy_pairs.png``; returns the result dict.
+
+    Raises:
+        UsageError: not a run directory, no synthetic set, a bad ``samples`` / ``reference_epochs``.
+    """
+    from ..evaluate import train_classifier
+    from ..privacy import audit, render
+
+    if int(samples) < 1:
+        raise UsageError(f"--samples must be >= 1, got {samples}")
+    if reference_epochs is not None and int(reference_epochs) < 1:
+        raise UsageError(f"--reference-epochs must be >= 1, got {reference_epochs}")
+    run_json = os.path.join(directory, "run.json")
+    if not os.path.isfile(run_json):
+        raise UsageError(f"{directory}: not a ddfast run directory (no run.json)")
+    try:
+        syn = SyntheticSet.load(directory)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        cfg = RunConfig.from_dict({**load_json(run_json)["config"], "quiet": quiet})
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UsageError(f"{run_json}: unreadable run configuration ({exc})") from None
+    if data_root:
+        cfg.data_root = data_root
+    cfg.device = device
+    r = resolve(cfg)
+    train, test = load_data(cfg, r.data)
+    noisy = make_noise(cfg, train)
+    ref_model = None
+    if reference:
+        ec = r.baseline.full_eval_config(str(r.device), train.num_classes, cfg.seed)
+        if reference_epochs is not None:
+            ec = ec.replace(epochs=int(reference_epochs))
+        say(cfg, f"privacy: training the reference model on the {len(train)} noisy images ({ec.epochs} epochs)")
+        ref_model = train_classifier(train.images, noisy.labels, config=ec, num_classes=train.num_classes,
+                                     transform=syn.input_transform())
+    say(cfg, "privacy: nearest training images and membership inference")
+    res = audit(syn, train, noisy.labels, test, n_samples=int(samples), seed=cfg.seed, device=str(r.device),
+                reference_model=ref_model, pairs_path=os.path.join(directory, "privacy_pairs.png"))
+    res["reference_epochs"] = None if ref_model is None else int(ec.epochs)
+    atomic_write_json(res, os.path.join(directory, "privacy.json"))
+    section = render(res)
+    atomic_write_text(section, os.path.join(directory, "privacy.md"))
+    report = os.path.join(directory, "report.md")
+    if os.path.isfile(report):  # the report gets the section (replacing an earlier one)
+        with open(report, encoding="utf-8") as f:
+            text = f.read()
+        head, sep, tail = text.partition("\n## Privacy\n")
+        rest = tail.split("\n## ", 1)[1] if sep and "\n## " in tail else ""
+        text = head.rstrip("\n") + "\n\n" + section + ("\n## " + rest if rest else "")
+        atomic_write_text(text, report)
+    return res
