@@ -12,7 +12,7 @@ PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 # import nothing of a higher rank themselves.
 RANK = {"config": 0, "hashing": 0, "io": 0, "_extension": 0, "ops": 0, "models": 0, "augment": 0,
         "distributed": 0, "__init__": 0, "data": 1, "noise": 2, "distill": 3, "tad": 4, "evaluate": 5,
-        "baselines": 6, "report": 7, "pipeline": 8, "sweep": 9, "cli": 10, "__main__": 10}
+        "baselines": 6, "privacy": 6, "report": 7, "pipeline": 8, "sweep": 9, "cli": 10, "__main__": 10}
 
 
 def _modules():
