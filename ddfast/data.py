@@ -43,6 +43,7 @@ __all__ = [
     "load_dataset",
     "long_tailed_counts",
     "long_tailed_indices",
+    "sample_per_class",
     "DATASETS",
     "DATASET_ALIASES",
     "GRAYSCALE_DATASETS",
@@ -738,14 +739,19 @@ def long_tailed_indices(labels: torch.Tensor, num_classes: int, ratio: float, se
     y = torch.as_tensor(labels).long()
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
         raise ValueError(f"labels must be in [0, {num_classes})")
-    sizes = torch.bincount(y, minlength=num_classes).tolist()
-    counts = long_tailed_counts(sizes, ratio)
+    counts = long_tailed_counts(torch.bincount(y, minlength=num_classes).tolist(), ratio)
+    return sample_per_class(y, counts, seed)
+
+
+def sample_per_class(labels: torch.Tensor, counts: Sequence[int], seed: int = 0) -> torch.Tensor:
+    """``int64 [n]`` sorted indices: for each class ``c`` in order, ``counts[c]`` distinct samples with
+    ``labels == c`` drawn uniformly (all of them when the class has fewer), from one generator seeded ``seed``."""
+    y = torch.as_tensor(labels).long()
     g = torch.Generator().manual_seed(int(seed))
     keep = []
     for c, k in enumerate(counts):
         ic = (y == c).nonzero().flatten()
-        if ic.numel():
-            keep.append(ic[torch.randperm(ic.numel(), generator=g)[:k]])
+        keep.append(ic[torch.randperm(ic.numel(), generator=g)[: int(k)]])
     return torch.cat(keep).sort().values if keep else torch.zeros(0, dtype=torch.int64)
 
 

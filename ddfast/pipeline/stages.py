@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 from .. import __version__
 from .. import distributed as dd
 from ..baselines import DECODED_SUBSET, describe_baseline, run_baseline
-from ..data import DatasetNotFoundError, load_dataset, load_human_labels, long_tailed_indices
+from ..data import (DatasetNotFoundError, load_dataset, load_human_labels, long_tailed_indices,
+                    sample_per_class)
 from ..distill import make_distiller
 from ..distill.base import SyntheticSet, TrainSet, peak_memory_bytes
 from ..evaluate import evaluate_synthetic_set, synset_eval_config
@@ -304,12 +305,8 @@ def load_data(cfg: RunConfig, data_opts) -> Tuple[Any, Any]:
         raise UsageError(str(exc)) from None
     if data_opts.train_per_class:
         # a deterministic, stratified slice (by the clean labels) -- for tests and quick looks
-        g = torch.Generator().manual_seed(12345)
-        idx = []
-        for c in range(train.num_classes):
-            ic = (train.labels == c).nonzero().flatten()
-            idx.append(ic[torch.randperm(ic.numel(), generator=g)[: int(data_opts.train_per_class)]])
-        train = train.subset(torch.cat(idx).sort().values)
+        k = int(data_opts.train_per_class)
+        train = train.subset(sample_per_class(train.labels, [k] * train.num_classes, seed=12345))
     if cfg.imbalance is not None and float(cfg.imbalance) < 1.0:
         # long-tailed training set from the clean labels, before the noise (the test set stays balanced)
         train = train.subset(long_tailed_indices(train.labels, train.num_classes, float(cfg.imbalance), cfg.seed))

@@ -461,9 +461,9 @@ def test_a_run_directory_is_locked_while_a_process_works_in_it(tmp_path):
 
     out = tmp_path / "r"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from ddfast.pipeline.stages import RunDirLock; "
-        f"lock = RunDirLock({str(out)!r}).acquire(); print('locked', flush=True); time.sleep(60)")],
-        stdout=subprocess.PIPE, text=True)
+        "import sys; from ddfast.pipeline.stages import RunDirLock; "
+        f"lock = RunDirLock({str(out)!r}).acquire(); print('locked', flush=True); sys.stdin.read()")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # the holder lives until its stdin closes
     try:
         assert holder.stdout.readline().strip() == "locked"
         before = sorted(os.listdir(out))
