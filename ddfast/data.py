@@ -629,6 +629,8 @@ def _load_user_file(path: str, split: str) -> ImageDataset:
     labels = labels.to(torch.int64)
     if labels.shape[0] != images.shape[0]:
         raise CorruptDatasetError(f"{path}: {images.shape[0]} images but {labels.shape[0]} labels")
+    if images.shape[0] == 0:
+        raise CorruptDatasetError(f"{path}: no images ({split} split)")
     if labels.numel() and labels.min() < 0:
         raise CorruptDatasetError(f"{path}: negative labels")
     classes = meta.get("classes")

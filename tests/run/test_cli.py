@@ -351,3 +351,11 @@ def test_images_too_small_for_the_network_fail_before_any_file(tmp_path, monkeyp
     assert rc == 2 and len(lines) == 1, cap.err
     assert "1x1 pixels" in lines[0] and "too small" in lines[0]
     assert not (tmp_path / "r").exists()
+    # an empty dataset: one line naming the file, no library warning
+    save_file({"images": torch.zeros(0, 1, 28, 28), "labels": torch.zeros(0, dtype=torch.long)},
+              str(tmp_path / "empty.safetensors"))
+    rc = cli.main(["run", "--dataset", "empty.safetensors", "--method", "fake", "--out", "r", "--quiet"])
+    cap = capsys.readouterr()
+    lines = cap.err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "empty.safetensors: no images" in lines[0], cap.err
+    assert not (tmp_path / "r").exists()
