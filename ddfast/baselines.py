@@ -188,9 +188,10 @@ def _summarise(curves: List[List[float]], holdouts: List[List[float]], seconds: 
 
 
 def _full(name: str, train, labels, test, config: Optional[EvalConfig], transform, epoch_callback, overrides,
-          holdout: float = 0.0):
+          holdout: float = 0.0, keep_model: Optional[list] = None):
     """Trains ``num_runs`` networks on ``(train.images, labels)`` minus a held-out share, recording the test and
-    held-out accuracy after every epoch (:func:`_summarise`)."""
+    held-out accuracy after every epoch (:func:`_summarise`). ``keep_model``: a list that gets run 0's trained
+    network (on the process that trains run 0)."""
     cfg = (config if config is not None else EvalConfig()).replace(**overrides)
     if name == "gce":
         cfg = cfg.replace(loss="gce")
@@ -218,8 +219,10 @@ def _full(name: str, train, labels, test, config: Optional[EvalConfig], transfor
                 hcurve.append(_accuracy_on(model, Xh, Yh, cfg.eval_batch_size))
             if epoch_callback is not None:
                 epoch_callback(k, epoch)
-        train_classifier(train.images[tr_idx], labels[tr_idx], config=cfg, num_classes=num_classes,
-                         transform=transform, run=k, callback=record)
+        net = train_classifier(train.images[tr_idx], labels[tr_idx], config=cfg, num_classes=num_classes,
+                               transform=transform, run=k, callback=record)
+        if keep_model is not None and k == 0:
+            keep_model.append(net)
         mine[k] = (curve, hcurve, last_pc[0] if last_pc else None)
     got = dd.gather_by_index(cfg.num_runs, mine)
     seconds = max(dd.all_gather_object(time.perf_counter() - t0))
@@ -238,13 +241,16 @@ def full_clean(train, test, *, config: Optional[EvalConfig] = None, transform=No
 
 
 def full_noisy(train, noisy_labels, test, *, config: Optional[EvalConfig] = None, transform=None,
-               epoch_callback=None, holdout: float = 0.0, **overrides) -> EvalResult:
+               epoch_callback=None, holdout: float = 0.0, keep_model: Optional[list] = None,
+               **overrides) -> EvalResult:
     """Trains on every training image with its noisy label (cross entropy). ``noisy_labels``:
     :class:`ddfast.noise.NoisyLabels` or ``int64 [N]``. Result: last-epoch accuracy, plus best-epoch (oracle),
-    early stopping on the held-out noisy labels and the curves in ``config`` (module docstring)."""
+    early stopping on the held-out noisy labels and the curves in ``config`` (module docstring).
+    ``keep_model``: a list that gets the trained network of run 0 (e.g. the privacy audit's reference model)."""
     labels, spec, rate, _ = _labels_of(noisy_labels)
     _check_train(train, labels)
-    res = _full("full_noisy", train, labels, test, config, transform, epoch_callback, overrides, holdout)
+    res = _full("full_noisy", train, labels, test, config, transform, epoch_callback, overrides, holdout,
+                keep_model)
     return _annotate(res, baseline="full_noisy", noise=spec, noise_rate=rate)
 
 
@@ -441,6 +447,41 @@ def random_subset(train, noisy_labels, test, ipc: int, *, config: Optional[EvalC
     return _annotate(res, **info)
 
 
+def reference_network(train, noisy_labels, *, config: BaselineConfig, device="cpu", seed: int = 0,
+                      state: Optional[Dict[str, torch.Tensor]] = None):
+    """Run 0 of the ``full_noisy`` baseline: ConvNet-3 of ``config.width`` trained on the noisy labels of every
+    training image outside the held-out share, with the full-data protocol and input normalisation of
+    :func:`run_baseline` -- the reference model of the privacy audit (:func:`ddfast.privacy.audit`).
+
+    Args:
+        train: the training :class:`ddfast.data.ImageDataset`; noisy_labels: its :class:`ddfast.noise.NoisyLabels`
+            or ``int64 [N]``.
+        state: a state dict saved from an earlier identical call (or the baseline's run 0); given, nothing is
+            trained and the network is rebuilt from it.
+
+    Returns:
+        ``(model, transform, member_idx)``: the network (eval mode, on ``device``), its input transform (pixels in
+        [0, 1] -> normalised) and the sorted ``int64`` indices of the images it was trained on.
+
+    Raises:
+        ValueError: labels of the wrong length; a ``state`` of another architecture (from ``load_state_dict``).
+    """
+    labels, _, _, _ = _labels_of(noisy_labels)
+    _check_train(train, labels)
+    cfg = config.full_eval_config(device, train.num_classes, seed).validate()
+    tr_idx, _ = holdout_split(len(labels), float(config.holdout), cfg.seed)
+    norm = Normalize(train.mean, train.std)
+    if state is None:
+        model = train_classifier(train.images[tr_idx], labels[tr_idx], config=cfg, num_classes=train.num_classes,
+                                 transform=norm, run=0)
+    else:
+        model = get_model(cfg.model, train.in_channels, train.num_classes, tuple(train.images.shape[2:]),
+                          seed=cfg.seed, **cfg.model_kwargs)
+        model.load_state_dict(state)
+        model = model.to(torch.device(cfg.device))
+    return model.eval(), norm, tr_idx
+
+
 def describe_baseline(name: str, config: BaselineConfig, result: EvalResult, *, ipc: Optional[int] = None,
                       noise_spec: str = "") -> str:
     """One line saying what a baseline row trained and which protocol it reports (for reports)."""
@@ -467,7 +508,7 @@ def describe_baseline(name: str, config: BaselineConfig, result: EvalResult, *, 
 
 def run_baseline(name: str, train, noisy, test, *, config: BaselineConfig, ipc: int, subset_config: EvalConfig,
                  transform=None, device="cpu", seed: int = 0, factor: int = 1,
-                 progress: Optional[Callable[[], None]] = None) -> EvalResult:
+                 progress: Optional[Callable[[], None]] = None, keep_model: Optional[list] = None) -> EvalResult:
     """Runs the baseline ``name`` (:data:`BASELINES`) and returns its :class:`EvalResult`.
 
     Args:
@@ -479,6 +520,7 @@ def run_baseline(name: str, train, noisy, test, *, config: BaselineConfig, ipc: 
         seed: base seed of the networks, the held-out split and the subset draws.
         factor: the distilled set's multi-formation factor (``random_subset_decoded``).
         progress: called after every epoch (full-data) or run (subset).
+        keep_model: ``full_noisy`` only: a list that gets the trained network of run 0.
 
     Raises:
         ValueError: an unknown name.
@@ -493,7 +535,7 @@ def run_baseline(name: str, train, noisy, test, *, config: BaselineConfig, ipc: 
     if name == "full_clean":
         return full_clean(train, test, **kw)
     if name == "full_noisy":
-        return full_noisy(train, noisy, test, **kw)
+        return full_noisy(train, noisy, test, keep_model=keep_model, **kw)
     if name == "gce":
         return gce(train, noisy, test, q=config.gce_q, **kw)
     if name == "coteaching":

@@ -4,7 +4,8 @@
 
     ddfast run                      # the demo: Fashion-MNIST, sym:0.4, IPC 10, DATM + TAD, quick preset
     ddfast run --dataset D --noise SPEC --method datm|dance|rcig [--tad] --ipc K --preset quick|full
-               --seed S --out DIR [--device cpu|cuda|auto] [--eval-runs N] [--baselines LIST] [--quiet]
+               --seed S --out DIR [--device cpu|cuda|auto] [--eval-runs N] [--baselines LIST] [--no-privacy]
+               [--quiet]
     ddfast sweep CONFIG.yaml [--only PATTERN] [--dry-run]
     ddfast evaluate DIR [--model resnet18] [--runs N]
     ddfast privacy DIR [--samples N] [--reference-epochs E | --no-reference]
@@ -112,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="advanced: distill.KEY (distiller config), tad.KEY (run_tad option), eval.KEY "
                    "(EvalConfig field), baseline.KEY (epochs, width, num_runs, ...), data.train_per_class / "
                    "data.test_limit; repeatable")
+    r.add_argument("--no-privacy", action="store_true", help="skip the privacy audit (nearest training images, "
+                   "membership inference) and its report section")
     r.add_argument("--quiet", "-q", action="store_true", help="no progress output")
 
     s = sub.add_parser("sweep", help="a grid of runs from a YAML file, one results table",
@@ -183,6 +186,7 @@ def _run_config(args) -> "Any":
     cfg.method = cfg.method.lower()
     cfg.device = args.device
     cfg.quiet = bool(args.quiet)
+    cfg.privacy = not args.no_privacy
     cfg.data_root = args.data_root
     cfg.cache_dir = args.cache_dir
     if args.out:

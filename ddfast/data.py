@@ -38,6 +38,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .io import torch_load_weights_only
+
 __all__ = [
     "ImageDataset",
     "load_dataset",
@@ -595,7 +597,7 @@ def _load_user_file(path: str, split: str) -> ImageDataset:
                 meta[k] = v
     else:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch_load_weights_only(path)
         except Exception as exc:
             raise CorruptDatasetError(f"{path}: not loadable with torch.load(weights_only=True) "
                                       f"({type(exc).__name__}: {exc})") from exc
@@ -788,7 +790,7 @@ def load_human_labels(num_classes: int, key: str, root: Optional[str] = None, pa
                                        "release (github.com/UCSC-REAL/cifar-10-100n, folder data/) and put it in "
                                        "$DDFAST_DATA.")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch_load_weights_only(path)
     except Exception:
         try:
             import numpy.dtypes as npd
@@ -796,7 +798,7 @@ def load_human_labels(num_classes: int, key: str, root: Optional[str] = None, pa
             allowed = [np.ndarray, np.dtype, _np_reconstruct(), npd.Int64DType, npd.Int32DType, npd.UInt8DType,
                        npd.Int16DType, npd.Int8DType]
             with torch.serialization.safe_globals(allowed):
-                obj = torch.load(path, map_location="cpu", weights_only=True)
+                obj = torch_load_weights_only(path)
         except Exception as exc:
             raise CorruptDatasetError(f"{path}: not loadable with torch.load(weights_only=True) "
                                       f"({type(exc).__name__}: {exc})") from exc

@@ -28,6 +28,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_save_torch",
     "load_torch",
+    "torch_load_weights_only",
     "save_safetensors",
     "load_safetensors",
     "atomic_write",
@@ -126,12 +127,22 @@ def atomic_save_torch(obj: Any, path: str) -> None:
         torch.save(obj, f)
 
 
+def torch_load_weights_only(path: str, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` with torch's own warnings about the file's pickle protocol
+    silenced (a file it refuses raises; the callers turn that into one error line naming the file)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*pickle protocol.*", category=UserWarning)
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
 def load_torch(path: str, map_location: str | torch.device = "cpu") -> Any:
     """``torch.load(path, weights_only=True)``: refuses anything but tensors and plain containers."""
     if not os.path.exists(path):
         raise FileNotFoundError(path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch_load_weights_only(path, map_location)
     except Exception as exc:
         raise ValueError(f"{path}: not a readable ddfast checkpoint ({type(exc).__name__}: {exc})") from exc
 

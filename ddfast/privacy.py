@@ -149,7 +149,8 @@ def _pairs_picture(syn_pixels: torch.Tensor, train_pixels: torch.Tensor, path: s
 
 
 def audit(syn, train, noisy_labels: torch.Tensor, test, *, n_samples: int = 1000, seed: int = 0,
-          device: str = "cpu", reference_model: Optional[torch.nn.Module] = None, n_pairs: int = 8,
+          device: str = "cpu", reference_model: Optional[torch.nn.Module] = None,
+          reference_transform=None, member_pool: Optional[torch.Tensor] = None, n_pairs: int = 8,
           pairs_path: Optional[str] = None, eval_overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Both privacy measurements (module docstring) for a distilled set.
 
@@ -160,9 +161,14 @@ def audit(syn, train, noisy_labels: torch.Tensor, test, *, n_samples: int = 1000
             pairs; the attack scores members with ``train.labels``, their true labels, as the test images).
         n_samples: members and non-members of the attack, and test images of the distance reference (each at most
             the size of its set).
-        reference_model: a network trained on the full noisy set in the same input space (``syn.input_transform()``;
-            the full-data baselines' space): its feature space gives the second distance, and it is attacked beside
-            the distilled set's model. None: both are left out.
+        reference_model: a network trained on the full noisy set (e.g. the ``full_noisy`` baseline's): its
+            feature space gives the second distance, and it is attacked beside the distilled set's model. None:
+            both are left out.
+        reference_transform: maps pixels in [0, 1] to ``reference_model``'s input (e.g. the full-data baselines'
+            per-channel normalisation); the synthetic images reach it through ``syn.input_transform().inverse``.
+            None: the reference model takes the distilled set's input space (``syn.input_transform()``).
+        member_pool: ``int64`` indices of the training images the members are drawn from (the images the
+            reference model was trained on, i.e. without a held-out share); None: all.
         n_pairs: closest synthetic / training pairs kept (and drawn to ``pairs_path`` when given).
         eval_overrides: :class:`ddfast.evaluate.EvalConfig` fields for the model trained on the distilled set
             (its protocol otherwise, one run).
@@ -180,9 +186,12 @@ def audit(syn, train, noisy_labels: torch.Tensor, test, *, n_samples: int = 1000
     y_noisy = torch.as_tensor(noisy_labels).long()
     if y_noisy.shape != (len(train),):
         raise ValueError(f"noisy_labels must have shape [{len(train)}], got {tuple(y_noisy.shape)}")
+    pool = torch.arange(len(train)) if member_pool is None else torch.as_tensor(member_pool).long().reshape(-1)
+    if pool.numel() and (int(pool.min()) < 0 or int(pool.max()) >= len(train)):
+        raise ValueError(f"member_pool holds indices outside [0, {len(train)})")
     g = torch.Generator().manual_seed(int(seed))
-    n = int(min(n_samples, len(train), len(test)))
-    mem = torch.randperm(len(train), generator=g)[:n]
+    n = int(min(n_samples, pool.numel(), len(test)))
+    mem = pool[torch.randperm(pool.numel(), generator=g)[:n]]
     non = torch.randperm(len(test), generator=g)[:n]
     syn_x = syn.images.detach().float().cpu()
     syn_d, syn_i = nearest_neighbours(syn_x, Xtr)
@@ -206,16 +215,23 @@ def audit(syn, train, noisy_labels: torch.Tensor, test, *, n_samples: int = 1000
     if reference_model is not None:
         ref = reference_model.eval()
         dev = next(ref.parameters()).device
+        with torch.no_grad():
+            if reference_transform is None:  # the reference model reads the distilled set's input space
+                Rtr, Rte, Rsyn = Xtr, Xte, syn_x
+            else:
+                Rtr = reference_transform(train.images.float())
+                Rte = reference_transform(test.images.float())
+                Rsyn = reference_transform(T.inverse(syn_x))
 
         def embed(x):
             with torch.no_grad():
                 return torch.cat([ref(x[i:i + 512].to(dev), output="embed").cpu() for i in range(0, len(x), 512)])
-        ftr = embed(Xtr)
-        fs_d, _ = nearest_neighbours(embed(syn_x), ftr)
-        ft_d, _ = nearest_neighbours(embed(Xte[non]), ftr)
+        ftr = embed(Rtr)
+        fs_d, _ = nearest_neighbours(embed(Rsyn), ftr)
+        ft_d, _ = nearest_neighbours(embed(Rte[non]), ftr)
         out["feature"] = distance_summary(fs_d, ft_d)
-        out["attack"]["full_noisy"] = membership_attack(sample_scores(ref, Xtr[mem], y_true[mem]),
-                                                        sample_scores(ref, Xte[non], test.labels[non]))
+        out["attack"]["full_noisy"] = membership_attack(sample_scores(ref, Rtr[mem], y_true[mem]),
+                                                        sample_scores(ref, Rte[non], test.labels[non]))
     return out
 
 
@@ -239,6 +255,11 @@ def render(result: Dict[str, Any]) -> str:
                     ("trained on the full noisy set", at.get("full_noisy"))):
         if a:
             lines.append(f"| {name} | {a['auc']:.3f} | {100 * a['tpr_at_fpr']:.2f} % |")
+    ref = result.get("reference")
+    if ref:
+        lines += ["", f"The model trained on the full noisy set is {ref['what']} (ConvNet width {ref['width']}, "
+                      f"{ref['epochs']} epochs on {ref['n_train']} noisy images); the members are drawn from those "
+                      "images. The model trained on the distilled set: one run of the set's evaluation protocol."]
     if result.get("pairs_picture"):
         lines += ["", f"![closest synthetic / training pairs]({result['pairs_picture']})",
                   "(top row: the synthetic images closest to a training image; bottom row: that training image)"]

@@ -616,6 +616,11 @@ def render_report(m: Dict[str, Any]) -> str:
             out.append("Summary: " + ", ".join(f"{k} = {_fmt_cell(v)}" for k, v in tad["summary"].items()))
         out.append("")
 
+    if m.get("privacy"):
+        from .privacy import render as render_privacy
+
+        out.append(render_privacy(m["privacy"]))
+
     # stages
     out.append("## Time and peak memory per stage")
     out.append("")

@@ -15,6 +15,7 @@ The YAML file (see ``examples/sweep_fmnist.yaml``)::
     device: auto                    # optional
     eval_runs: null                 # optional: evaluation runs (default: each method's protocol)
     baselines: [full_noisy, random_subset, gce, coteaching]
+    privacy: true                   # optional: the privacy audit in every cell's report (default true)
     overrides:                      # optional, for every cell (sections as in `ddfast run --override`)
       baseline: {epochs: 30}
     method_overrides:               # optional, per method
@@ -47,7 +48,7 @@ __all__ = ["load_sweep", "expand_cells", "run_sweep", "SWEEP_KEYS"]
 
 SWEEP_KEYS = ("dataset", "methods", "noise", "ipc", "tad", "seeds", "imbalance", "preset", "out", "device",
               "eval_runs", "baselines", "overrides", "method_overrides", "cache_dir", "data_root", "quiet",
-              "noise_seed", "extra")
+              "noise_seed", "privacy", "extra")
 GRID_AXES = ("methods", "noise", "ipc", "tad", "seeds", "imbalance")
 
 
@@ -89,6 +90,8 @@ def load_sweep(path: str) -> Dict[str, Any]:
         spec["imbalance"] = [None]  # balanced (all images)
     spec.setdefault("preset", "quick")
     spec.setdefault("out", os.path.join("runs", "sweep"))
+    if not isinstance(spec.get("privacy", True), bool):
+        raise UsageError(f"{path}: 'privacy' must be true or false, got {spec['privacy']!r}")
     for k in GRID_AXES:
         spec[k] = _as_list(spec[k])
         if not spec[k]:
@@ -177,7 +180,8 @@ def expand_cells(spec: Dict[str, Any]) -> List[Dict[str, Any]]:
                         noise_seed=spec.get("noise_seed"), out=out,
                         device=str(spec.get("device") or "auto"), eval_runs=spec.get("eval_runs"),
                         baselines=tuple(baselines), data_root=spec.get("data_root"),
-                        cache_dir=spec.get("cache_dir"), overrides=ov, quiet=bool(spec.get("quiet", False)))
+                        cache_dir=spec.get("cache_dir"), overrides=ov, privacy=bool(spec.get("privacy", True)),
+                        quiet=bool(spec.get("quiet", False)))
         cells.append({"name": name, "out": out, "config": cfg, "method": str(method).lower(), "tad": tad,
                       "noise": str(noise), "ipc": int(ipc), "seed": int(seed),
                       "imbalance": None if imbalance is None else float(imbalance)})

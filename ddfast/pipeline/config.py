@@ -76,6 +76,9 @@ class RunConfig(Config):
             (dotted keys reach nested options: ``"expert.epochs"``), :class:`ddfast.tad.TADConfig`,
             :class:`ddfast.evaluate.EvalConfig` fields of the distilled-set evaluation (and ``progress_epochs``),
             :class:`ddfast.baselines.BaselineConfig`, :class:`DataOptions`. Checked by :func:`resolve`.
+        privacy: run the privacy audit (:func:`ddfast.privacy.audit`: nearest training images and membership
+            inference, with the ``full_noisy`` baseline's network as reference) and add its section to the
+            report.
         quiet: no progress bars, only errors.
     """
 
@@ -96,10 +99,11 @@ class RunConfig(Config):
     data_root: Optional[str] = option(None)
     cache_dir: Optional[str] = option(None)
     overrides: Dict[str, Dict[str, Any]] = option(factory=dict)
+    privacy: bool = option(True)
     quiet: bool = option(False)
 
     # fields that do not change the result (a resumed run may differ in them)
-    _NON_IDENTITY = ("out", "device", "cache_dir", "quiet", "data_root", "baselines")
+    _NON_IDENTITY = ("out", "device", "cache_dir", "quiet", "data_root", "baselines", "privacy")
 
     def identity(self) -> Dict[str, Any]:
         """The fields a resumed run must share with the run that started the directory."""
@@ -137,6 +141,8 @@ class RunConfig(Config):
             parts += ["--device", self.device]
         if tuple(self.baselines) != DEFAULT_BASELINES:
             parts += ["--baselines", ",".join(self.baselines) or "none"]
+        if not self.privacy:
+            parts.append("--no-privacy")
         for sec, kv in sorted(self.overrides.items()):
             for k, v in sorted(kv.items()):
                 parts += ["--override", f"{sec}.{k}={json.dumps(v) if not isinstance(v, str) else v}"]

@@ -21,8 +21,8 @@ from ..models import MODEL_NAMES, get_model
 from ..report import plot_baseline_curves, plot_curves, plot_tad_rounds, render_report, save_synset_grid
 from .config import RunConfig, UsageError, resolve, resolve_device
 from .stages import (RunContext, RunDir, RunDirLock, StageRunner, baseline_stage, check_run_dir, distill_stage,
-                     evaluate_stage, limit_test_set, load_data, make_noise, noise_facts, result_dict, say,
-                     synset_factor)
+                     evaluate_stage, limit_test_set, load_data, make_noise, noise_facts, privacy_audit,
+                     privacy_stage, result_dict, say, synset_factor, write_privacy)
 
 __all__ = ["run", "evaluate_dir", "environment_info", "METRICS_SCHEMA"]
 
@@ -184,9 +184,15 @@ def _run_stages(ctx: RunContext, t_start: float, load_start) -> Dict[str, Any]:
         names.insert(names.index("random_subset") + 1, DECODED_SUBSET)
     for name in names:
         results[name] = baseline_stage(ctx, name, protocol)
+    privacy = privacy_stage(ctx) if cfg.privacy else None
     ctx.rd.save("timing", {"stages": ctx.runner.stages})
     files = ctx.runner.timed("report", lambda: _write_outputs(ctx, results))
+    if privacy is not None:
+        files["privacy"] = ["privacy.json", "privacy.md"] + ([privacy["pairs_picture"]]
+                                                             if privacy.get("pairs_picture") else [])
     metrics = _metrics(ctx, results, files, t_start, load_start)
+    if privacy is not None:
+        metrics["privacy"] = privacy
     if dd.is_main():
         atomic_write_json(metrics, ctx.rd.path("metrics.json"))
         atomic_write_text(render_report(metrics), ctx.rd.path("report.md"))
@@ -245,16 +251,16 @@ def privacy_dir(directory: str, *, samples: int = 1000, reference_epochs: Option
                 reference: bool = True, device: str = "auto", data_root: Optional[str] = None,
                 quiet: bool = False) -> Dict[str, Any]:
     """``ddfast privacy DIR``: the privacy measurements of :mod:`ddfast.privacy` for a finished (or distilled)
-    run. The run's data, noise and synthetic set are rebuilt from ``run.json`` and ``synset.*``; the reference
-    model (trained on the full noisy set with the full-data baselines' protocol, ``reference_epochs`` epochs when
-    given) is trained here unless ``reference=False``. Writes ``DIR/privacy.json``, ``DIR/privacy.md`` and
-    ``DIR/privacy_pairs.png``; returns the result dict.
+    run (a run finished with privacy on has these files already). The run's data, noise and synthetic set are
+    rebuilt from ``run.json`` and ``synset.*``; the reference model is the ``full_noisy`` baseline's run 0
+    network (:func:`ddfast.baselines.reference_network`; ``reference_epochs`` epochs when given), read from the
+    cache or trained here, unless ``reference=False``. Writes ``DIR/privacy.json``, ``DIR/privacy.md`` and
+    ``DIR/privacy_pairs.png``, and replaces the report's privacy section; returns the result dict.
 
     Raises:
         UsageError: not a run directory, no synthetic set, a bad ``samples`` / ``reference_epochs``.
     """
-    from ..evaluate import train_classifier
-    from ..privacy import audit, render
+    from ..privacy import render
 
     if int(samples) < 1:
         raise UsageError(f"--samples must be >= 1, got {samples}")
@@ -277,27 +283,21 @@ def privacy_dir(directory: str, *, samples: int = 1000, reference_epochs: Option
     r = resolve(cfg)
     train, test = load_data(cfg, r.data)
     noisy = make_noise(cfg, train)
-    ref_model = None
-    if reference:
-        ec = r.baseline.full_eval_config(str(r.device), train.num_classes, cfg.seed)
-        if reference_epochs is not None:
-            ec = ec.replace(epochs=int(reference_epochs))
-        say(cfg, f"privacy: training the reference model on the {len(train)} noisy images ({ec.epochs} epochs)")
-        ref_model = train_classifier(train.images, noisy.labels, config=ec, num_classes=train.num_classes,
-                                     transform=syn.input_transform())
-    say(cfg, "privacy: nearest training images and membership inference")
-    res = audit(syn, train, noisy.labels, test, n_samples=int(samples), seed=cfg.seed, device=str(r.device),
-                reference_model=ref_model, pairs_path=os.path.join(directory, "privacy_pairs.png"))
-    res["reference_epochs"] = None if ref_model is None else int(ec.epochs)
-    atomic_write_json(res, os.path.join(directory, "privacy.json"))
-    section = render(res)
-    atomic_write_text(section, os.path.join(directory, "privacy.md"))
+    rd = RunDir(directory)
+    ctx = RunContext(r, rd, StageRunner(rd, r.device), train, test, noisy,
+                     noise_facts(noisy, cfg.effective_noise_seed))
+    ctx.syn = syn
+    if reference_epochs is not None:
+        r.baseline = r.baseline.replace(epochs=int(reference_epochs))
+    res = privacy_audit(ctx, samples=int(samples), reference=reference)
+    write_privacy(ctx, res)
+    section_text = render(res)
     report = os.path.join(directory, "report.md")
     if os.path.isfile(report):  # the report gets the section (replacing an earlier one)
         with open(report, encoding="utf-8") as f:
             text = f.read()
         head, sep, tail = text.partition("\n## Privacy\n")
         rest = tail.split("\n## ", 1)[1] if sep and "\n## " in tail else ""
-        text = head.rstrip("\n") + "\n\n" + section + ("\n## " + rest if rest else "")
+        text = head.rstrip("\n") + "\n\n" + section_text + ("\n## " + rest if rest else "")
         atomic_write_text(text, report)
     return res

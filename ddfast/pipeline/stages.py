@@ -9,7 +9,10 @@ Stages and where they leave their results (``DIR`` = ``RunConfig.out``)::
                                     synset.json (SyntheticSet.save) + stages/distill.json
     evaluate                        stages/evaluate.json
     baseline:<name>                 stages/baseline_<name>.json, also cached across runs in
-                                    $DDFAST_CACHE/baselines/<name>-<key digest>.json
+                                    $DDFAST_CACHE/baselines/<name>-<key digest>.json (full_noisy: also its run
+                                    0 network, <name>-<key digest>.model.safetensors)
+    privacy                         stages/privacy.json, privacy.json, privacy.md, privacy_pairs.png (the
+                                    reference network: full_noisy's run 0, from the cache or trained)
     report                          synset_grid.png, plots/*.png, then metrics.json, then report.md (last:
                                     a directory with report.md is a finished run)
 
@@ -32,14 +35,15 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from .. import distributed as dd
-from ..baselines import DECODED_SUBSET, describe_baseline, run_baseline
+from ..baselines import DECODED_SUBSET, describe_baseline, reference_network, run_baseline
 from ..data import (DatasetNotFoundError, load_dataset, load_human_labels, long_tailed_indices,
                     sample_per_class)
 from ..distill import make_distiller
 from ..distill.base import SyntheticSet, TrainSet, peak_memory_bytes
 from ..evaluate import evaluate_synthetic_set, synset_eval_config
 from ..hashing import digest, tensor_digest
-from ..io import atomic_write_json, load_json, load_safetensors
+from ..io import (atomic_write_json, atomic_write_text, load_json, load_safetensors, save_safetensors,
+                  torch_load_weights_only)
 from ..noise import ASYM_MAPPINGS, NoisyLabels, corrupt_labels, parse_noise_spec, transition_matrix
 from ..tad import run_tad
 from .config import ResolvedRun, RunConfig, RunConfigMismatch, UsageError
@@ -335,7 +339,7 @@ def _read_label_file(path: str, n: int) -> torch.Tensor:
             arr = t[key]
         elif path.endswith((".pt", ".pth")):
             try:
-                obj = torch.load(path, map_location="cpu", weights_only=True)
+                obj = torch_load_weights_only(path)
             except OSError:
                 raise
             except Exception:  # noqa: BLE001 - corrupt, or objects other than tensors (never loaded unsafely)
@@ -596,10 +600,13 @@ def baseline_stage(ctx: RunContext, name: str, protocol) -> Dict[str, Any]:
         subset = name in ("random_subset", DECODED_SUBSET)
         total = subset_cfg.num_runs if subset else b.epochs * len(dd.shard_indices(b.num_runs))
         bar = _progress_bar(cfg, total, f"baseline {name}", "run" if subset else "epoch")
+        keep: Optional[list] = [] if name == "full_noisy" else None
         res = run_baseline(name, ctx.train, ctx.noisy, ctx.test, config=b, ipc=cfg.ipc, subset_config=subset_cfg,
                            transform=ctx.syn.input_transform(), device=ctx.r.device, seed=cfg.seed,
-                           factor=synset_factor(ctx.syn), progress=lambda: bar.update(1))
+                           factor=synset_factor(ctx.syn), progress=lambda: bar.update(1), keep_model=keep)
         bar.close()
+        if keep and dd.is_main():  # the privacy audit's reference network, saved beside the cached result
+            save_safetensors(keep[0].state_dict(), reference_model_path(ctx))
         f = synset_factor(ctx.syn) if name == DECODED_SUBSET else 1
         n = cfg.ipc * ctx.train.num_classes if subset else len(ctx.train)
         return result_dict(res, n_images=int(n * f * f), n_stored=int(n), description=describe_baseline(
@@ -611,3 +618,77 @@ def baseline_stage(ctx: RunContext, name: str, protocol) -> Dict[str, Any]:
     elif how == "computed":
         say(cfg, f"{name}: {result['mean']:.2f} +- {result['std']:.2f} %")
     return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# privacy
+# ----------------------------------------------------------------------------------------------------------
+#: members, non-members and test references of the privacy audit
+PRIVACY_SAMPLES = 1000
+
+
+def reference_model_path(ctx: RunContext) -> str:
+    """Where the ``full_noisy`` baseline's run 0 network of this run's noisy labels and protocol is cached."""
+    key = _baseline_key(ctx, "full_noisy", None)
+    return os.path.join(ctx.r.cache_dir, "baselines", f"full_noisy-{digest(key)}.model.safetensors")
+
+
+def reference_model(ctx: RunContext):
+    """``(model, transform, member_idx)`` of :func:`ddfast.baselines.reference_network`: the ``full_noisy``
+    baseline's run 0 network, read from the cache (saved when the baseline was trained) or trained here and
+    cached."""
+    cfg, b = ctx.cfg, ctx.r.baseline
+    path = reference_model_path(ctx)
+    with cache_entry_lock(path):
+        state = None
+        if os.path.exists(path):
+            try:
+                state = load_safetensors(path)
+            except (OSError, ValueError):
+                state = None  # corrupt: train it again
+        if state is None:
+            say(cfg, f"privacy: training the reference network (the full_noisy baseline's run 0: {b.epochs} epochs "
+                     f"on the {len(ctx.train)} noisy images minus {100 * b.holdout:g} % held out)")
+        try:
+            out = reference_network(ctx.train, ctx.noisy, config=b, device=ctx.r.device, seed=cfg.seed, state=state)
+        except RuntimeError:  # a state dict of another architecture (an older build): train it again
+            if state is None:
+                raise
+            state = None
+            out = reference_network(ctx.train, ctx.noisy, config=b, device=ctx.r.device, seed=cfg.seed)
+        if state is None and dd.is_main():
+            save_safetensors(out[0].state_dict(), path)
+    return out
+
+
+def privacy_audit(ctx: RunContext, samples: int = PRIVACY_SAMPLES, reference: bool = True) -> Dict[str, Any]:
+    """The privacy measurements of :func:`ddfast.privacy.audit` for the run's synthetic set (``ctx.syn``), with
+    the ``full_noisy`` baseline's network as reference (``reference``); writes ``privacy_pairs.png``."""
+    from ..privacy import audit
+
+    cfg, b = ctx.cfg, ctx.r.baseline
+    model, norm, members = reference_model(ctx) if reference else (None, None, None)
+    say(cfg, "privacy: nearest training images and membership inference")
+    res = audit(ctx.syn, ctx.train, ctx.noisy.labels, ctx.test, n_samples=int(samples), seed=cfg.seed,
+                device=str(ctx.r.device), reference_model=model, reference_transform=norm, member_pool=members,
+                pairs_path=ctx.rd.path("privacy_pairs.png"), eval_overrides=ctx.r.eval_overrides)
+    res["reference"] = None if model is None else {
+        "what": "the full_noisy baseline's run 0", "width": int(b.width), "epochs": int(b.epochs),
+        "n_train": int(members.numel()), "holdout": float(b.holdout)}
+    return res
+
+
+def write_privacy(ctx: RunContext, res: Dict[str, Any]) -> None:
+    """``privacy.json`` and ``privacy.md`` (:func:`ddfast.privacy.render`) in the run directory."""
+    from ..privacy import render
+
+    if dd.is_main():
+        atomic_write_json(res, ctx.rd.path("privacy.json"))
+        atomic_write_text(render(res), ctx.rd.path("privacy.md"))
+
+
+def privacy_stage(ctx: RunContext) -> Dict[str, Any]:
+    """The ``privacy`` stage of a run (resumable): :func:`privacy_audit`, then :func:`write_privacy`."""
+    res, _ = ctx.runner.stage("privacy", lambda: privacy_audit(ctx))
+    write_privacy(ctx, res)
+    return res

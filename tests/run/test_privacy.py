@@ -67,8 +67,84 @@ def test_privacy_command_on_digits(tmp_path, monkeypatch, capsys):
     assert 0.0 <= res["attack"]["full_noisy"]["auc"] <= 1.0 and res["feature"] is not None
     assert len(res["pairs"]) == 8 and (tmp_path / "r" / "privacy_pairs.png").stat().st_size > 0
     report = (tmp_path / "r" / "report.md").read_text()
-    assert report.count("## Privacy") == 1 and "## Reproduce" in report  # the section is added once
+    assert report.count("## Privacy") == 1 and "## Reproduce" in report  # the run's section is replaced
     assert cli.main(["privacy", "r", "--samples", "50", "--no-reference", "--quiet"]) == 0
     report = (tmp_path / "r" / "report.md").read_text()
     assert report.count("## Privacy") == 1 and "## Reproduce" in report
     assert cli.main(["privacy", str(tmp_path / "nope")]) == 2
+
+
+def test_audit_member_pool(monkeypatch):
+    from ddfast.data import load_dataset
+    from ddfast.distill.base import SyntheticSet
+
+    train = load_dataset("digits", "train")
+    test = load_dataset("digits", "test")
+    syn = SyntheticSet(images=train.images[:20].clone(), labels=train.labels[:20].clone(), ipc=2,
+                       num_classes=10, method="fake", eval_config={"model": "convnet", "epochs": 1, "model_kwargs": {"width": 4}})
+    pool = torch.arange(30)
+    res = P.audit(syn, train, train.labels, test, n_samples=50, member_pool=pool)
+    assert res["n_samples"] == 30 and res["attack"]["distilled"]["n_members"] == 30
+    with pytest.raises(ValueError, match="member_pool"):
+        P.audit(syn, train, train.labels, test, n_samples=5, member_pool=torch.tensor([0, len(train)]))
+
+
+def test_reference_network_is_the_full_noisy_baselines_run_0():
+    from ddfast import baselines as B
+    from ddfast.data import load_dataset
+    from ddfast.noise import corrupt_labels
+
+    train = load_dataset("digits", "train")
+    test = load_dataset("digits", "test")
+    noisy = corrupt_labels(train.labels, "sym:0.4", num_classes=10, seed=3)
+    cfg = B.BaselineConfig(epochs=2, width=8)
+    keep = []
+    B.run_baseline("full_noisy", train, noisy, test, config=cfg, ipc=1, subset_config=None, keep_model=keep,
+                   seed=1)
+    model, norm, members = B.reference_network(train, noisy, config=cfg, seed=1)
+    a, b = keep[0].state_dict(), model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the same network, retrained
+    tr, ho = B.holdout_split(len(train), cfg.holdout, 1)
+    assert torch.equal(members, tr) and ho.numel() == round(cfg.holdout * len(train))
+    again, _, _ = B.reference_network(train, noisy, config=cfg, seed=1, state=a)  # rebuilt from the state dict
+    x = norm(test.images[:64].float())
+    with torch.no_grad():
+        assert torch.equal(again(x), keep[0](x))
+
+
+def test_every_run_has_a_privacy_section_and_shares_the_reference(tmp_path, monkeypatch):
+    from ddfast import cli
+    from ddfast.pipeline import stages
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DDFAST_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real = stages.reference_network
+    monkeypatch.setattr(stages, "reference_network",
+                        lambda *a, **k: calls.append(k.get("state") is not None) or real(*a, **k))
+    common = ["--dataset", "digits", "--method", "fake", "--ipc", "2", "--quiet", "-O", "distill.iterations=1",
+              "-O", "eval.epochs=1", "-O", "baseline.epochs=2", "-O", "baseline.width=8"]
+    assert cli.main(["run", *common, "--baselines", "full_noisy", "--out", "a"]) == 0
+    assert calls == [True]  # the baseline saved its network; the audit read it
+    assert list((tmp_path / "cache" / "baselines").glob("full_noisy-*.model.safetensors"))
+    ra = json.loads((tmp_path / "a" / "privacy.json").read_text())
+    ma = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert ma["privacy"]["attack"] == ra["attack"] and ra["reference"]["epochs"] == 2
+    assert "## Privacy" in (tmp_path / "a" / "report.md").read_text() and (tmp_path / "a" / "privacy_pairs.png").exists()
+    # another run on the same noisy labels without the baseline: the cached network again
+    assert cli.main(["run", *common, "--baselines", "none", "--seed", "0", "--out", "b", "-O",
+                     "eval.lr=0.02"]) == 0
+    assert calls == [True, True]
+    rb = json.loads((tmp_path / "b" / "privacy.json").read_text())
+    assert rb["attack"]["full_noisy"] == ra["attack"]["full_noisy"] and rb["feature"]["test"] == ra["feature"]["test"]
+    # without the cache entry the network is trained, and is the same network
+    for f in (tmp_path / "cache" / "baselines").glob("*.model.safetensors"):
+        f.unlink()
+    assert cli.main(["run", *common, "--baselines", "none", "--out", "c", "-O", "eval.lr=0.03"]) == 0
+    assert calls == [True, True, False]
+    rc = json.loads((tmp_path / "c" / "privacy.json").read_text())
+    assert rc["attack"]["full_noisy"] == ra["attack"]["full_noisy"]
+    # --no-privacy: no audit, no section
+    assert cli.main(["run", *common, "--baselines", "none", "--out", "d", "--no-privacy"]) == 0
+    assert not (tmp_path / "d" / "privacy.json").exists()
+    assert "## Privacy" not in (tmp_path / "d" / "report.md").read_text() and calls == [True, True, False]
