@@ -13,7 +13,9 @@ nothing here is a formal (differential) privacy bound. Two measurements, for a r
   Diffusion Models", USENIX Security 2023, Sec. 4, with the test set as the reference distribution).
 - **Membership inference** (:func:`membership_attack`): a loss-threshold attack (Yeom et al., "Privacy Risk in
   Machine Learning", CSF 2018): score = minus the cross entropy of a sample under the attacked model, members =
-  random training images, non-members = as many test images, both scored with their true (clean) labels -- with
+  random training images, non-members = as many test images of the same classes (:func:`class_matched`: on a
+  long-tailed training set random members are mostly head-class images, which any model fits better than the
+  balanced test set, so unmatched sides would measure the class mix), both scored with their true (clean) labels -- with
   the noisy labels on the member side only, the 40 % wrong labels would make members look *less* likely than test
   images and the AUC would measure the noise, not the leak (measured: AUC 0.32 at sym 0.4). Reported as ROC AUC (0.5 = no leak) and the true-positive rate at 1 % false positives
   (Carlini et al., "Membership Inference Attacks From First Principles", S&P 2022, Sec. III), for a model trained
@@ -28,7 +30,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["nearest_neighbours", "membership_attack", "sample_scores", "distance_summary"]
+__all__ = ["nearest_neighbours", "membership_attack", "sample_scores", "distance_summary", "class_matched", "audit",
+           "render"]
 
 
 def nearest_neighbours(queries: torch.Tensor, refs: torch.Tensor, *, chunk: int = 1024,
@@ -102,6 +105,31 @@ def membership_attack(member_scores: torch.Tensor, nonmember_scores: torch.Tenso
             "n_members": int(m.numel()), "n_nonmembers": int(n.numel())}
 
 
+def class_matched(member_idx: torch.Tensor, member_labels: torch.Tensor, test_labels: torch.Tensor,
+                  generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(members, non_members)`` with the same number of images of every class on both sides: per class ``c``,
+    ``k_c = min(#members of c, #test images of c)`` of the members (in their given order) and ``k_c`` random
+    test images of ``c``. Without it a loss-threshold attack on a long-tailed training set scores the class
+    mix (members mostly of the well-learnt head classes, non-members balanced), not membership.
+
+    Args:
+        member_idx: ``int64 [n]`` candidate members (indices into the training set, in random order).
+        member_labels: ``int64 [n]`` their true labels; test_labels: ``int64 [n_test]``.
+
+    Returns:
+        ``int64`` indices into the training set and into the test set, equal in length (grouped by class).
+    """
+    mem_out, non_out = [], []
+    for c in torch.unique(member_labels).tolist():
+        m_c = member_idx[member_labels == c]
+        t_c = torch.nonzero(test_labels == c, as_tuple=False).flatten()
+        k = min(m_c.numel(), t_c.numel())
+        mem_out.append(m_c[:k])
+        non_out.append(t_c[torch.randperm(t_c.numel(), generator=generator)[:k]])
+    empty = torch.zeros(0, dtype=torch.long)
+    return (torch.cat(mem_out) if mem_out else empty), (torch.cat(non_out) if non_out else empty)
+
+
 @torch.no_grad()
 def sample_scores(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
                   batch_size: int = 512) -> torch.Tensor:
@@ -159,8 +187,9 @@ def audit(syn, train, noisy_labels: torch.Tensor, test, *, n_samples: int = 1000
         train, test: :class:`ddfast.data.ImageDataset` of the run (pixels in [0, 1]).
         noisy_labels: ``int64 [len(train)]``, the labels the distilled set was made from (reported with the closest
             pairs; the attack scores members with ``train.labels``, their true labels, as the test images).
-        n_samples: members and non-members of the attack, and test images of the distance reference (each at most
-            the size of its set).
+        n_samples: candidate members of the attack and test images of the distance reference (each at most the
+            size of its set); the attack keeps, per class, as many members as the test set has images of that
+            class and as many test images as non-members (:func:`class_matched`).
         reference_model: a network trained on the full noisy set (e.g. the ``full_noisy`` baseline's): its
             feature space gives the second distance, and it is attacked beside the distilled set's model. None:
             both are left out.
@@ -208,9 +237,10 @@ def audit(syn, train, noisy_labels: torch.Tensor, test, *, n_samples: int = 1000
     model = train_classifier(syn.images.detach(), syn.labels.detach(), config=cfg, images_transformed=True,
                              num_classes=int(syn.num_classes))
     y_true = train.labels.long()
-    out["attack"] = {"distilled": membership_attack(sample_scores(model, Xtr[mem], y_true[mem]),
-                                                    sample_scores(model, Xte[non], test.labels[non])),
-                     "full_noisy": None}
+    a_mem, a_non = class_matched(mem, y_true[mem], test.labels.long(), g)  # the attack's members / non-members
+    out["attack"] = {"distilled": membership_attack(sample_scores(model, Xtr[a_mem], y_true[a_mem]),
+                                                    sample_scores(model, Xte[a_non], test.labels[a_non])),
+                     "full_noisy": None, "class_matched": True}
     out["feature"] = None
     if reference_model is not None:
         ref = reference_model.eval()
@@ -230,8 +260,8 @@ def audit(syn, train, noisy_labels: torch.Tensor, test, *, n_samples: int = 1000
         fs_d, _ = nearest_neighbours(embed(Rsyn), ftr)
         ft_d, _ = nearest_neighbours(embed(Rte[non]), ftr)
         out["feature"] = distance_summary(fs_d, ft_d)
-        out["attack"]["full_noisy"] = membership_attack(sample_scores(ref, Rtr[mem], y_true[mem]),
-                                                        sample_scores(ref, Rte[non], test.labels[non]))
+        out["attack"]["full_noisy"] = membership_attack(sample_scores(ref, Rtr[a_mem], y_true[a_mem]),
+                                                        sample_scores(ref, Rte[a_non], test.labels[a_non]))
     return out
 
 
@@ -248,8 +278,11 @@ def render(result: Dict[str, Any]) -> str:
             lines.append(f"| {name} | {d['synthetic']['min']:.3f} | {d['synthetic']['median']:.3f} | "
                          f"{d['test']['p01']:.3f} | {d['test']['median']:.3f} | "
                          f"{100 * d['share_closer_than_test_p01']:.1f} % |")
-    lines += ["", "Membership inference (loss threshold; members: random training images, non-members: as many test "
-              "images, both with their true labels):", "",
+    n_att = (at.get("distilled") or {}).get("n_members")
+    matched = ("as many test images of the same classes (class for class, so the class mix of a long-tailed "
+               "training set is not mistaken for membership)" if at.get("class_matched") else "as many test images")
+    lines += ["", f"Membership inference (loss threshold; members: {n_att if n_att is not None else 'random'} random "
+              f"training images, non-members: {matched}, both with their true labels):", "",
               "| model attacked | ROC AUC (0.5 = chance) | true-positive rate at 1 % false positives |", "|---|---|---|"]
     for name, a in (("trained on the distilled set", at.get("distilled")),
                     ("trained on the full noisy set", at.get("full_noisy"))):

@@ -52,6 +52,21 @@ def test_membership_attack_against_references():
         P.membership_attack(m[:0], n)
 
 
+def test_class_matched_members_and_non_members():
+    g = torch.Generator().manual_seed(4)
+    mem_idx = torch.randperm(200, generator=g)[:90]
+    mem_lab = torch.cat([torch.zeros(80), torch.ones(5), torch.full((5,), 3)]).long()  # a long-tailed mix
+    test_lab = torch.cat([torch.zeros(50), torch.ones(50), torch.full((40,), 2)]).long()[torch.randperm(140, generator=g)]
+    m, n = P.class_matched(mem_idx, mem_lab, test_lab, g)
+    lab_of = dict(zip(mem_idx.tolist(), mem_lab.tolist()))
+    m_lab = torch.tensor([lab_of[i] for i in m.tolist()])
+    assert m.numel() == n.numel() == 55  # 50 of class 0 (the test set has 50), 5 of class 1, none of class 3
+    for c, k in ((0, 50), (1, 5), (2, 0), (3, 0)):  # the same count per class on both sides
+        assert int((m_lab == c).sum()) == k and int((test_lab[n] == c).sum()) == k
+    assert m[:50].tolist() == mem_idx[:80].tolist()[:50]  # members kept in their given (random) order
+    assert n.unique().numel() == n.numel()
+
+
 def test_privacy_command_on_digits(tmp_path, monkeypatch, capsys):
     from ddfast import cli
 
