@@ -296,6 +296,47 @@ def _study_points(cells: Sequence[Dict[str, Any]]) -> Dict[Tuple[str, int], Dict
             for key, panel in panels.items()}
 
 
+def long_tail_rows(cells: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Per long-tailed sweep cell (``imbalance`` set, per-class accuracies of the distilled set and of the full
+    noisy set in its metrics): the head / middle / tail means (:func:`class_groups`) of both, their differences
+    and ``tail_minus_head`` = (distilled - full noisy on the tail) - (the same on the head): below 0 when the
+    compression costs the tail classes more than the head ones."""
+    rows = []
+    for c in cells:
+        res = (c.get("metrics") or {}).get("results", {})
+        d, f = (res.get("distilled") or {}).get("per_class"), (res.get("full_noisy") or {}).get("per_class")
+        if c.get("imbalance") is None or not d or not f or len(d) != len(f):
+            continue
+        groups = class_groups(len(d))
+        gd = {k: sum(d[i] for i in v) / len(v) for k, v in groups.items()}
+        gf = {k: sum(f[i] for i in v) / len(v) for k, v in groups.items()}
+        diff = {k: gd[k] - gf[k] for k in groups}
+        rows.append({"method": c.get("method"), "tad": bool(c.get("tad")), "noise": c.get("noise"),
+                     "ipc": c.get("ipc"), "imbalance": c.get("imbalance"), "distilled": gd, "full_noisy": gf,
+                     "difference": diff,
+                     "tail_minus_head": diff["tail"] - diff["head"] if "tail" in diff and "head" in diff else None})
+    return rows
+
+
+def long_tail_text(rows: Sequence[Dict[str, Any]]) -> str:
+    """The markdown table of :func:`long_tail_rows` (empty string when there are none)."""
+    if not rows:
+        return ""
+    order = ("head", "middle", "tail")
+    three = lambda g: " / ".join(f"{g[k]:.1f}" for k in order if k in g)  # noqa: E731
+    lines = ["Long-tailed cells (class 0 the largest; head / middle / tail = the first, middle and last third of "
+             "the classes): per-group test accuracy (%), and the distilled set minus the full noisy set (last "
+             "epoch). \"tail - head\" below 0: the compression costs the tail classes more than the head ones.", "",
+             "| method | noise | IPC | n_min / n_max | distilled: head / middle / tail | full noisy: head / middle / "
+             "tail | difference: head / middle / tail | tail - head |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        th = "" if r["tail_minus_head"] is None else f"{r['tail_minus_head']:+.1f}"
+        diff = " / ".join(f"{r['difference'][k]:+.1f}" for k in order if k in r["difference"])
+        lines.append(f"| {str(r['method']).upper()}{' + TAD' if r['tad'] else ''} | {r['noise']} | {r['ipc']} | "
+                     f"{r['imbalance']:g} | {three(r['distilled'])} | {three(r['full_noisy'])} | {diff} | {th} |")
+    return "\n".join(lines) + "\n"
+
+
 def crossover_rates(cells: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """Per (method, noise kind, IPC): the lowest noise rate at which the distilled set beats the last-epoch
     full-noisy baseline (``None``: at no measured rate), with the rates measured. Rows sorted by kind, IPC,

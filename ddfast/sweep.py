@@ -40,7 +40,7 @@ import os
 import re
 import time
 import traceback
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from .io import atomic_write_json, load_json
 
@@ -266,7 +266,7 @@ def run_sweep(spec: Dict[str, Any], only: Optional[str] = None, dry_run: bool = 
 
         cross = crossover_rates(table_cells)
         plot = plot_noise_study(table_cells, os.path.join(out_root, "noise_study.png"))
-        tail = _study_text(cross, summary_cells, plot, out_root)
+        tail = _study_text(cross, summary_cells, plot, out_root, table_cells)
         atomic_write_text(header + md + tail, md_path)
         atomic_write_json({"spec": {k: v for k, v in spec.items() if not k.startswith("_")},
                            "cells": summary_cells, "crossover": cross}, os.path.join(out_root, "sweep.json"))
@@ -275,8 +275,12 @@ def run_sweep(spec: Dict[str, Any], only: Optional[str] = None, dry_run: bool = 
             "table_markdown": md, "table_md": md_path, "table_csv": csv_path}
 
 
-def _study_text(cross: List[Dict[str, Any]], cells: List[Dict[str, Any]], plot: Optional[str], out_root: str) -> str:
-    """The end of ``results.md``: the plot, the crossover rate per method, unfinished cells, the time taken."""
+def _study_text(cross: List[Dict[str, Any]], cells: List[Dict[str, Any]], plot: Optional[str], out_root: str,
+                done_cells: Sequence[Dict[str, Any]] = ()) -> str:
+    """The end of ``results.md``: the plot, the crossover rate per method, the head / middle / tail table of
+    long-tailed cells, unfinished cells, the time taken."""
+    from .report import long_tail_rows, long_tail_text
+
     lines = [""]
     if plot:
         lines += [f"![test accuracy against noise rate]({os.path.relpath(plot, out_root)})", ""]
@@ -289,6 +293,9 @@ def _study_text(cross: List[Dict[str, Any]], cells: List[Dict[str, Any]], plot: 
             lines.append(f"| {c['method']} | {c['noise']} | {c['ipc']} | {rate} | "
                          f"{', '.join(f'{r:g}' for r in c['rates'])} |")
         lines.append("")
+    lt = long_tail_text(long_tail_rows(done_cells))
+    if lt:
+        lines += [lt]
     missing = [c for c in cells if c.get("state") != "done"]
     if missing:
         lines += ["Cells not finished: " + ", ".join(f"`{c['name']}` ({c['state']})" for c in missing) + ".", ""]

@@ -158,6 +158,25 @@ def test_report_headline_compares_with_the_last_epoch_full_noisy_baseline():
     assert got[("asym", "DATM")]["crossover"] is None
 
 
+def test_long_tail_rows_against_hand_computed_groups():
+    from ddfast.report import long_tail_rows, long_tail_text
+
+    d = [90.0, 80.0, 70.0, 60.0, 50.0, 40.0, 30.0, 20.0, 10.0, 0.0]
+    f = [95.0, 85.0, 75.0, 60.0, 60.0, 60.0, 60.0, 50.0, 50.0, 50.0]
+    cell = {"method": "dance", "tad": False, "noise": "sym:0.4", "ipc": 10, "imbalance": 0.01,
+            "metrics": {"results": {"distilled": {"per_class": d}, "full_noisy": {"per_class": f}}}}
+    balanced = {**cell, "imbalance": None}
+    rows = long_tail_rows([cell, balanced, {**cell, "metrics": {"results": {"distilled": {"per_class": d}}}}])
+    assert len(rows) == 1  # the balanced cell and the one without full-noisy figures are left out
+    r = rows[0]
+    assert r["distilled"] == pytest.approx({"head": 80.0, "middle": 45.0, "tail": 10.0})
+    assert r["full_noisy"] == pytest.approx({"head": 85.0, "middle": 60.0, "tail": 50.0})
+    assert r["tail_minus_head"] == pytest.approx((10.0 - 50.0) - (80.0 - 85.0))
+    text = long_tail_text(rows)
+    assert "| DANCE | sym:0.4 | 10 | 0.01 | 80.0 / 45.0 / 10.0 | 85.0 / 60.0 / 50.0 | -5.0 / -15.0 / -40.0 | -35.0 |" in text
+    assert long_tail_text([]) == ""
+
+
 def test_finished_run_is_not_recomputed(finished, monkeypatch):
     out, m = finished
     monkeypatch.setattr(stages, "_distill", lambda *a, **k: pytest.fail("distilled again"))
