@@ -255,7 +255,8 @@ def privacy_dir(directory: str, *, samples: int = 1000, reference_epochs: Option
     rebuilt from ``run.json`` and ``synset.*``; the reference model is the ``full_noisy`` baseline's run 0
     network (:func:`ddfast.baselines.reference_network`; ``reference_epochs`` epochs when given), read from the
     cache or trained here, unless ``reference=False``. Writes ``DIR/privacy.json``, ``DIR/privacy.md`` and
-    ``DIR/privacy_pairs.png``, and replaces the report's privacy section; returns the result dict.
+    ``DIR/privacy_pairs.png``, and replaces the privacy section of ``report.md`` and the ``privacy`` entry of
+    ``metrics.json``; returns the result dict.
 
     Raises:
         UsageError: not a run directory, no synthetic set, a bad ``samples`` / ``reference_epochs``.
@@ -291,6 +292,9 @@ def privacy_dir(directory: str, *, samples: int = 1000, reference_epochs: Option
         r.baseline = r.baseline.replace(epochs=int(reference_epochs))
     res = privacy_audit(ctx, samples=int(samples), reference=reference)
     write_privacy(ctx, res)
+    mpath = os.path.join(directory, "metrics.json")
+    if os.path.isfile(mpath):  # a finished run's metrics carry the new audit
+        atomic_write_json({**load_json(mpath), "privacy": res}, mpath)
     section_text = render(res)
     report = os.path.join(directory, "report.md")
     if os.path.isfile(report):  # the report gets the section (replacing an earlier one)

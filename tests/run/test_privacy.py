@@ -78,6 +78,7 @@ def test_privacy_command_on_digits(tmp_path, monkeypatch, capsys):
     cap = capsys.readouterr()
     assert rc == 0, cap.err
     res = json.loads((tmp_path / "r" / "privacy.json").read_text())
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["privacy"] == res  # replaced the run's audit
     assert res["n_samples"] == 50 and res["attack"]["distilled"]["n_members"] == 50
     assert 0.0 <= res["attack"]["full_noisy"]["auc"] <= 1.0 and res["feature"] is not None
     assert len(res["pairs"]) == 8 and (tmp_path / "r" / "privacy_pairs.png").stat().st_size > 0
