@@ -255,14 +255,12 @@ def privacy_dir(directory: str, *, samples: int = 1000, reference_epochs: Option
     rebuilt from ``run.json`` and ``synset.*``; the reference model is the ``full_noisy`` baseline's run 0
     network (:func:`ddfast.baselines.reference_network`; ``reference_epochs`` epochs when given), read from the
     cache or trained here, unless ``reference=False``. Writes ``DIR/privacy.json``, ``DIR/privacy.md`` and
-    ``DIR/privacy_pairs.png``, and replaces the privacy section of ``report.md`` and the ``privacy`` entry of
-    ``metrics.json``; returns the result dict.
+    ``DIR/privacy_pairs.png``; for a finished run it replaces the ``privacy`` entry of ``metrics.json`` and
+    renders ``report.md`` again from it. Returns the result dict.
 
     Raises:
         UsageError: not a run directory, no synthetic set, a bad ``samples`` / ``reference_epochs``.
     """
-    from ..privacy import render
-
     if int(samples) < 1:
         raise UsageError(f"--samples must be >= 1, got {samples}")
     if reference_epochs is not None and int(reference_epochs) < 1:
@@ -293,15 +291,8 @@ def privacy_dir(directory: str, *, samples: int = 1000, reference_epochs: Option
     res = privacy_audit(ctx, samples=int(samples), reference=reference)
     write_privacy(ctx, res)
     mpath = os.path.join(directory, "metrics.json")
-    if os.path.isfile(mpath):  # a finished run's metrics carry the new audit
-        atomic_write_json({**load_json(mpath), "privacy": res}, mpath)
-    section_text = render(res)
-    report = os.path.join(directory, "report.md")
-    if os.path.isfile(report):  # the report gets the section (replacing an earlier one)
-        with open(report, encoding="utf-8") as f:
-            text = f.read()
-        head, sep, tail = text.partition("\n## Privacy\n")
-        rest = tail.split("\n## ", 1)[1] if sep and "\n## " in tail else ""
-        text = head.rstrip("\n") + "\n\n" + section_text + ("\n## " + rest if rest else "")
-        atomic_write_text(text, report)
+    if os.path.isfile(mpath):  # a finished run: its metrics carry the new audit, its report is rendered again
+        metrics = {**load_json(mpath), "privacy": res}
+        atomic_write_json(metrics, mpath)
+        atomic_write_text(render_report(metrics), os.path.join(directory, "report.md"))
     return res
