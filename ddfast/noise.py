@@ -38,6 +38,8 @@ __all__ = [
     "parse_noise_spec",
     "corrupt_labels",
     "transition_matrix",
+    "estimate_transition",
+    "forward_corrected_cross_entropy",
     "symmetric_transition",
     "pair_transition",
     "get_mapping",
@@ -247,6 +249,75 @@ def transition_matrix(clean: torch.Tensor, noisy: torch.Tensor, num_classes: int
     counts = torch.bincount(clean.long() * C + noisy.long(), minlength=C * C).reshape(C, C).double()
     n = counts.sum(1, keepdim=True)
     return torch.where(n > 0, counts / n.clamp_min(1), torch.zeros_like(counts))
+
+
+def estimate_transition(probs: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                        quantile: float = 0.5) -> torch.Tensor:
+    """Estimates the noise transition ``T[i, j] = P(given label j | true class i)`` from a classifier's
+    predictions, without clean labels: the anchor-point estimator of Patrini et al. (CVPR 2017, "Making deep
+    neural networks robust to label noise: a loss correction approach"), with a group of anchors per
+    class instead of one. Class ``i``'s anchors are the samples the classifier assigns to ``i`` most
+    confidently -- the top ``quantile`` of those it predicts as ``i``, by probability -- and row ``i`` is the
+    distribution of their given labels. A class the classifier never predicts gets the identity row.
+
+    Args:
+        probs: ``float [N, C]`` class probabilities (rows sum to 1), e.g. a softmax of a network trained on
+            the noisy labels and refined on a trusted set (:mod:`ddfast.tad`).
+        labels: ``int64 [N]`` given (noisy) labels in ``[0, C)``.
+        num_classes: C.
+        quantile: share in (0, 1] of each predicted class used as its anchors. Default 0.5.
+
+    Returns:
+        ``float64 [C, C]``, rows summing to 1.
+
+    Raises:
+        ValueError: shapes that do not match, labels outside ``[0, C)``, ``quantile`` outside (0, 1].
+    """
+    y = _check_labels(labels, num_classes)
+    C = int(num_classes)
+    if probs.dim() != 2 or probs.shape != (y.shape[0], C):
+        raise ValueError(f"probs must be [{y.shape[0]}, {C}], got {tuple(probs.shape)}")
+    if not 0.0 < float(quantile) <= 1.0:
+        raise ValueError(f"quantile must lie in (0, 1], got {quantile}")
+    p = probs.detach().double().cpu()
+    conf, pred = p.max(1)
+    T = torch.eye(C, dtype=torch.float64)
+    for i in range(C):
+        idx = torch.nonzero(pred == i).flatten()
+        if idx.numel() == 0:
+            continue
+        k = max(1, int(math.ceil(float(quantile) * idx.numel())))
+        top = idx[torch.topk(conf[idx], k).indices]
+        T[i] = torch.bincount(y[top], minlength=C).double() / k
+    return T
+
+
+def forward_corrected_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, transition: torch.Tensor,
+                                    reduction: str = "mean") -> torch.Tensor:
+    """Forward loss correction (Patrini et al., CVPR 2017, Theorem 2): the cross-entropy of the *noisy*
+    targets under the model's clean-class posterior pushed through the noise,
+    ``-log (softmax(logits) @ T)[y]``. Minimising it on noisy labels drawn with ``T`` gives the same minimiser
+    as the plain cross-entropy on clean labels, so a network trained with it learns the clean posterior.
+
+    Args:
+        logits: ``float [B, C]``; targets: ``int64 [B]`` noisy labels; transition: ``[C, C]``, row ``i`` the
+            distribution of the given label of a class-``i`` sample (:func:`estimate_transition`).
+        reduction: ``"mean"`` | ``"sum"`` | ``"none"``.
+
+    Returns: a scalar, or ``[B]`` with ``reduction="none"``; same dtype as ``logits``.
+    """
+    if transition.shape != (logits.shape[-1], logits.shape[-1]):
+        raise ValueError(f"transition must be [{logits.shape[-1]}, {logits.shape[-1]}], got "
+                         f"{tuple(transition.shape)}")
+    q = torch.softmax(logits, dim=-1) @ transition.to(logits.dtype)
+    nll = -torch.log(q.gather(-1, targets.unsqueeze(-1)).squeeze(-1).clamp_min(1e-12))
+    if reduction == "none":
+        return nll
+    if reduction == "sum":
+        return nll.sum()
+    if reduction == "mean":
+        return nll.mean()
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -723,18 +723,28 @@ def _tad_per_class(last: Dict[str, Any], classes: Sequence[str]) -> str:
         return ""
     names = [str(c) for c in (classes if len(classes) == len(counts) else range(len(counts)))]
     prec, cover = last.get("precision_per_class"), last.get("coverage_per_class")
+    diag = last.get("transition_diagonal")
+    diag = diag if diag and len(diag) == len(counts) else None
     head = ["class", "trusted"]
     if prec and cover:
         head += ["precision", "coverage of the class"]
+    if diag:
+        head += ["estimated share of its labels kept (T[c, c])"]
     rows = []
     for c, n in enumerate(counts):
         row = [names[c], n]
         if prec and cover:
             row += [f"{prec[c]:.3f}", f"{cover[c]:.3f}"]
+        if diag:
+            row += [f"{diag[c]:.3f}"]
         rows.append(row)
     text = [f"Trusted set per class after round {last.get('round', '?')} (by the label the distiller sees)"
             + ("; coverage: the share of all images of the class that are trusted with their true label -- a "
-               "class covered only by its easy images is what the diverted distiller learns it from." if prec else "."),
+               "class covered only by its easy images is what the diverted distiller learns it from." if prec else ".")
+            + (" T[c, c]: the diagonal of the noise transition TAD estimates from its scorer (forward correction, "
+               "`divert_pool=\"corrected\"`)" + (f"; its largest row error against the realised noise: "
+                                                f"{last['transition_error']:.3f}." if last.get("transition_error")
+                                                is not None else ".") if diag else ""),
             "", _table(head, rows)]
     return "\n".join(text)
 

@@ -49,6 +49,10 @@ class TrainSet:
         trusted_mask: optional ``bool [N]``; when given, distillation only sees the trusted samples.
         replacement_labels: optional ``int64 [N]``; entries ``>= 0`` replace the given label (TAD's
             pseudo-labels for recalled samples), ``-1`` keeps it.
+        transition: optional ``float [C, C]`` estimate of the label noise, ``T[i, j] = P(given label j | true
+            class i)`` (rows sum to 1; TAD's ``divert_pool="corrected"``): the networks trained on this set
+            (DATM's experts, DANCE's and RCIG's model pools) then use forward loss correction
+            (:func:`ddfast.noise.forward_corrected_cross_entropy`; Patrini et al., CVPR 2017).
     """
 
     images: torch.Tensor
@@ -60,6 +64,7 @@ class TrainSet:
     weights: Optional[torch.Tensor] = None
     trusted_mask: Optional[torch.Tensor] = None
     replacement_labels: Optional[torch.Tensor] = None
+    transition: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         if self.images.dim() != 4:
@@ -82,6 +87,14 @@ class TrainSet:
             r = self.replacement_labels
             if r.dtype != torch.int64 or (r.numel() and (int(r.min()) < -1 or int(r.max()) >= self.num_classes)):
                 raise ValueError("TrainSet.replacement_labels must be int64 in [-1, num_classes)")
+        if self.transition is not None:
+            T, C = self.transition, self.num_classes
+            if T.shape != (C, C) or not T.is_floating_point():
+                raise ValueError(f"TrainSet.transition must be a float [{C}, {C}] matrix, got {T.dtype} "
+                                 f"{tuple(T.shape)}")
+            if not bool(torch.isfinite(T).all()) or bool((T < 0).any()) or \
+                    not torch.allclose(T.double().sum(1), torch.ones(C, dtype=torch.float64), atol=1e-4):
+                raise ValueError("TrainSet.transition must be row-stochastic (finite, >= 0, rows summing to 1)")
 
     @property
     def in_channels(self) -> int:
@@ -522,6 +535,9 @@ class DistillViews:
 
 
 def labels_digest(train: TrainSet) -> str:
-    """A short content hash of the labels, trust mask and replacement labels (cache keys)."""
-    return tensor_digest(train.labels, train.trusted_mask, train.replacement_labels,
-                         torch.tensor(list(train.images.shape)), with_meta=True)
+    """A short content hash of the labels, trust mask, replacement labels and (when set) the noise transition
+    of forward correction (cache keys)."""
+    parts = [train.labels, train.trusted_mask, train.replacement_labels, torch.tensor(list(train.images.shape))]
+    if train.transition is not None:
+        parts.append(train.transition.double())
+    return tensor_digest(*parts, with_meta=True)

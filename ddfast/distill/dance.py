@@ -314,12 +314,14 @@ class DANCE(Distiller):
             raise ValueError(f"DANCE needs (trusted) real images of every class; none for class(es) {empty}")
 
     def build_pool(self, train: TrainSet) -> ModelPool:
-        """(Re)builds the pool from ``train.effective()`` (cached in ``cache_dir`` when given)."""
+        """(Re)builds the pool from ``train.effective()`` (cached in ``cache_dir`` when given), with forward loss
+        correction when ``train.transition`` is set."""
         images, labels, _ = train.effective()
         norm = Normalize(train.mean, train.std)
         key = self.cache_key(train) if self.cache_dir is not None else None
         return self.set_pool(build_pool(images, labels, train.num_classes, norm, self.config.pool,
-                                        key=key, cache_dir=self.cache_dir, device=self.device, quiet=self.quiet))
+                                        key=key, cache_dir=self.cache_dir, device=self.device, quiet=self.quiet,
+                                        transition=train.transition))
 
     def set_pool(self, pool: ModelPool) -> ModelPool:
         """Installs a pool (e.g. one built elsewhere); it needs at least ``num_premodel`` models.

@@ -247,14 +247,17 @@ class DATM(Distiller):
     def cache_key(self, train: TrainSet) -> Dict[str, Any]:
         """What the expert buffer depends on: the dataset name, a digest of all images, of the labels as given
         (noise), of the trusted subset and the labels the experts see (trusted mask + replacement labels), the
-        input transform and the expert recipe."""
+        input transform, the expert recipe and, when given, the noise transition of forward correction."""
         cfg = self.config
         idx = train.effective_indices()
-        return {"method": self.name, "dataset": train.name, "num_classes": int(train.num_classes),
-                "images": _digest(train.images), "labels": _digest(train.labels),
-                "trusted": _digest(idx, train.effective_labels()[idx]),
-                "preprocess": cfg.preprocess, "zca_eps": cfg.zca_eps, "recipe": cfg.expert.key(),
+        key = {"method": self.name, "dataset": train.name, "num_classes": int(train.num_classes),
+               "images": _digest(train.images), "labels": _digest(train.labels),
+               "trusted": _digest(idx, train.effective_labels()[idx]),
+               "preprocess": cfg.preprocess, "zca_eps": cfg.zca_eps, "recipe": cfg.expert.key(),
                "dsa_strategy": cfg.dsa_strategy if cfg.dsa else None}
+        if train.transition is not None:  # forward-corrected experts (TAD's divert_pool="corrected")
+            key["transition"] = _digest(train.transition.double())
+        return key
 
     # ---- prepare: transform + experts -------------------------------------------------------------------
     def _fit_transform(self, train: TrainSet):
@@ -322,7 +325,8 @@ class DATM(Distiller):
                 self.experts = train_experts(cfg.expert, self._x_all[idx.to(self.device)], labels,
                                              train.num_classes, dsa_strategy=cfg.dsa_strategy if cfg.dsa else None,
                                              directory=directory, key=key, device=self.device,
-                                             log=None if self.quiet else (lambda s: print(f"datm: {s}", flush=True)))
+                                             log=None if self.quiet else (lambda s: print(f"datm: {s}", flush=True)),
+                                             transition=train.transition)
             self.experts_key = digest(key)
             self._log(f"expert buffer ready in {time.perf_counter() - t0:.1f} s: {self.experts}")
             self._rebuild_experts = False

@@ -69,6 +69,7 @@ from ..config import Config, option
 from ..hashing import derive_seed, digest
 from ..io import atomic_write_json, load_safetensors, save_safetensors
 from ..models import NetConfig, batched_forward, flat_params, functional_forward, has_batchnorm
+from ..noise import forward_corrected_cross_entropy
 
 __all__ = ["ExpertRecipe", "ExpertBuffer", "train_experts", "gsam_direction", "seed_mix", "buffer_directory"]
 
@@ -273,8 +274,10 @@ class _Trainer:
     """Trains a group of experts epoch by epoch (vmapped or in a loop) with the recipe's optimiser."""
 
     def __init__(self, recipe: ExpertRecipe, template: nn.Module, X: torch.Tensor, Y: torch.Tensor,
-                 num_classes: int, device: torch.device, dsa_strategy: Optional[str]):
+                 num_classes: int, device: torch.device, dsa_strategy: Optional[str],
+                 transition: Optional[torch.Tensor] = None):
         self.r = recipe
+        self.T = None if transition is None else transition.to(device, torch.float32)
         self.template = template
         self.X, self.Y = X, Y
         self.C = num_classes
@@ -291,6 +294,11 @@ class _Trainer:
         m = self.r.net.build(self.X.shape[1], self.C, tuple(self.X.shape[2:]), seed=seed_mix(self.r.seed, k, 0))
         return flat_params(m).detach().to(self.device, torch.float32)
 
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor, reduction: str) -> torch.Tensor:
+        if self.T is None:
+            return F.cross_entropy(logits, y, reduction=reduction)
+        return forward_corrected_cross_entropy(logits, y, self.T, reduction=reduction)
+
     def _grads(self, W: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor, vm: bool):
         """Per-row gradients of each row's mean CE on its own batch; also losses and #correct."""
         K = W.shape[0]
@@ -299,7 +307,7 @@ class _Trainer:
                 Wg = W.detach().requires_grad_(True)
                 logits = batched_forward(self.template, Wg, xb)  # [K, B, C]
                 B = logits.shape[1]
-                ce = F.cross_entropy(logits.reshape(K * B, -1), yb.reshape(-1), reduction="none").view(K, B).mean(1)
+                ce = self._loss(logits.reshape(K * B, -1), yb.reshape(-1), "none").view(K, B).mean(1)
                 (g,) = torch.autograd.grad(ce.sum(), Wg)
                 correct = (logits.argmax(-1) == yb).sum(1)
                 return g.detach(), ce.detach(), correct
@@ -307,7 +315,7 @@ class _Trainer:
             for k in range(K):
                 wk = W[k].detach().requires_grad_(True)
                 logits = functional_forward(self.template, wk, xb[k], track_bn_stats=False)
-                ce = F.cross_entropy(logits, yb[k])
+                ce = self._loss(logits, yb[k], "mean")
                 (g,) = torch.autograd.grad(ce, wk)
                 gs.append(g)
                 ces.append(ce.detach())
@@ -375,7 +383,8 @@ def train_experts(recipe: ExpertRecipe, images: torch.Tensor, labels: torch.Tens
                   dsa_strategy: Optional[str] = "color_crop_cutout_flip_scale_rotate", directory: Optional[str] = None, key: Optional[Dict[str, Any]] = None,
                   device: Union[str, torch.device] = "cpu", log: Optional[Callable[[str], None]] = None,
                   max_memory_bytes: int = 2 << 30,
-                  on_epoch: Optional[Callable[[Sequence[int], int], None]] = None) -> ExpertBuffer:
+                  on_epoch: Optional[Callable[[Sequence[int], int], None]] = None,
+                  transition: Optional[torch.Tensor] = None) -> ExpertBuffer:
     """Trains (or loads, or resumes) the expert buffer of ``recipe`` on ``(images, labels)``.
 
     Args:
@@ -392,6 +401,11 @@ def train_experts(recipe: ExpertRecipe, images: torch.Tensor, labels: torch.Tens
         log: ``log(str)`` progress messages.
         max_memory_bytes: buffers up to this size are returned in memory, larger ones read from disk on demand.
         on_epoch: test hook ``on_epoch(expert_indices, epoch)`` called after each epoch's snapshots are written.
+        transition: optional ``[C, C]`` label-noise estimate ``T[i, j] = P(label j | true class i)``: the
+            experts then minimise the forward-corrected cross-entropy ``-log (softmax(z) T)[y]`` (Patrini et al.,
+            CVPR 2017; :func:`ddfast.noise.forward_corrected_cross_entropy`) instead of the plain one, and the
+            buffer's identity includes T. The reported ``train_acc`` is the argmax of the clean-class posterior
+            against the given labels.
 
     Returns:
         :class:`ExpertBuffer` with ``recipe.num_experts`` trajectories of ``recipe.epochs + 1`` snapshots.
@@ -414,6 +428,12 @@ def train_experts(recipe: ExpertRecipe, images: torch.Tensor, labels: torch.Tens
     dev = torch.device(device)
     say = log or (lambda s: None)
     recipe_key = {**recipe.key(), "dsa_strategy": dsa_strategy or None}
+    if transition is not None:
+        transition = transition.detach().to(torch.float64).cpu()
+        if transition.shape != (num_classes, num_classes) or not bool(torch.isfinite(transition).all()):
+            raise ValueError(f"transition must be a finite [{num_classes}, {num_classes}] matrix, got "
+                             f"{tuple(transition.shape)}")
+        recipe_key["transition"] = [[round(float(v), 8) for v in row] for row in transition]
     manifest = {"format": _FORMAT, "recipe": recipe.to_dict(), "recipe_key": recipe_key,
                 "key": key or {}, "num_classes": int(num_classes), "n_train": int(images.shape[0]),
                 "image_shape": list(images.shape[1:])}
@@ -453,7 +473,7 @@ def train_experts(recipe: ExpertRecipe, images: torch.Tensor, labels: torch.Tens
     vm = bool(recipe.vmap is True or (recipe.vmap == "auto" and parallel > 1 and vm_ok and dev.type == "cuda"))
     X = images.detach().to(dev, torch.float32)
     Y = labels.detach().to(dev)
-    trainer = _Trainer(recipe, template, X, Y, num_classes, dev, dsa_strategy)
+    trainer = _Trainer(recipe, template, X, Y, num_classes, dev, dsa_strategy, transition)
 
     mem: Dict[int, List[torch.Tensor]] = {}
     progress = {k: _progress(directory, k, E) for k in range(N)}

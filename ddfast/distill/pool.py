@@ -48,6 +48,7 @@ from ..config import Config, option
 from ..hashing import derive_seed, digest, tensor_digest
 from ..io import atomic_write_json, load_tensors, save_tensors
 from ..models import NetConfig, flat_params, load_flat, num_params
+from ..noise import forward_corrected_cross_entropy
 
 __all__ = ["PoolConfig", "ModelPool", "build_pool", "train_pool_model", "pool_digest", "seed_from"]
 
@@ -172,7 +173,8 @@ def make_template(config: PoolConfig, in_channels: int, num_classes: int, im_siz
 
 def train_pool_model(images: torch.Tensor, labels: torch.Tensor, num_classes: int, normalize: Normalize,
                      config: PoolConfig, index: int, device: torch.device | str = "cpu",
-                     progress: Optional[Callable[[int], None]] = None) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, Any]]:
+                     progress: Optional[Callable[[int], None]] = None,
+                     transition: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, Any]]:
     """Trains pool model ``index`` from scratch with the reference recipe (module docstring).
 
     Args:
@@ -182,6 +184,9 @@ def train_pool_model(images: torch.Tensor, labels: torch.Tensor, num_classes: in
         config: the recipe; ``index`` selects the seeds ``seed_from(config.seed, index, 0)`` (weights) and
             ``seed_from(config.seed, index, 1)`` (order, augmentation, CutMix).
         progress: optional ``progress(epoch)`` callback after every epoch.
+        transition: optional ``[C, C]`` label-noise estimate ``P(label j | true class i)``: the model then
+            minimises the forward-corrected cross-entropy (Patrini et al., CVPR 2017;
+            :func:`ddfast.noise.forward_corrected_cross_entropy`), on both labels of a CutMix batch.
 
     Returns:
         ``(theta_init [P], theta_final [P], info)`` (CPU float32; ``info``: ``seconds``, ``train_acc``
@@ -206,6 +211,11 @@ def train_pool_model(images: torch.Tensor, labels: torch.Tensor, num_classes: in
     n, bs = X.shape[0], min(config.batch_size, X.shape[0])
     steps = math.ceil(n / bs)
     E = config.epochs
+    if transition is None:
+        ce = F.cross_entropy
+    else:
+        T = transition.to(dev, torch.float32)
+        ce = lambda logits, y: forward_corrected_cross_entropy(logits, y, T)  # noqa: E731
     correct = seen = 0
     model.train()
     for epoch in range(E):
@@ -223,9 +233,9 @@ def train_pool_model(images: torch.Tensor, labels: torch.Tensor, num_classes: in
             yb = Y[idx]
             xb, yb2, ratio = cutmix(xb, yb, g, config.cutmix_beta, config.cutmix_p)
             out = model(xb)
-            loss = F.cross_entropy(out, yb)
+            loss = ce(out, yb)
             if ratio < 1.0:
-                loss = ratio * loss + (1.0 - ratio) * F.cross_entropy(out, yb2)
+                loss = ratio * loss + (1.0 - ratio) * ce(out, yb2)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -249,7 +259,8 @@ def _select_subset(n: int, config: PoolConfig) -> Optional[torch.Tensor]:
 def build_pool(images: torch.Tensor, labels: torch.Tensor, num_classes: int, normalize: Normalize,
                config: PoolConfig, *, key: Optional[Dict[str, Any]] = None, cache_dir: Optional[str] = None,
                device: torch.device | str = "cpu", quiet: bool = True,
-               trainer: Optional[Callable[..., Tuple[torch.Tensor, torch.Tensor, Dict[str, Any]]]] = None) -> ModelPool:
+               trainer: Optional[Callable[..., Tuple[torch.Tensor, torch.Tensor, Dict[str, Any]]]] = None,
+               transition: Optional[torch.Tensor] = None) -> ModelPool:
     """Builds (or loads from ``cache_dir``, or finishes building) the pool of ``config.amount`` models.
 
     Args:
@@ -263,6 +274,8 @@ def build_pool(images: torch.Tensor, labels: torch.Tensor, num_classes: int, nor
         cache_dir: cache root (``None``: nothing is read or written).
         device: where models are trained and where the pool's tensors live.
         trainer: replaces :func:`train_pool_model` (tests).
+        transition: forward loss correction of every pool model (:func:`train_pool_model`); it must be part of
+            ``key`` when a cache is used (DANCE's key holds it through :func:`ddfast.distill.base.labels_digest`).
 
     Returns:
         :class:`ModelPool` with ``inits``/``finals`` ``[amount, P]`` on ``device``.
@@ -307,8 +320,9 @@ def build_pool(images: torch.Tensor, labels: torch.Tensor, num_classes: int, nor
                 got = None  # corrupt or foreign file: retrain it
         if got is None:
             base = bar.n
+            extra = {} if transition is None else {"transition": transition}
             got = trainer(images, labels, num_classes, normalize, config, k, dev,
-                          progress=lambda e, base=base: bar.update(base + e - bar.n))
+                          progress=lambda e, base=base: bar.update(base + e - bar.n), **extra)
             if path:
                 save_tensors({"init": got[0].contiguous(), "final": got[1].contiguous()}, path,
                              meta={"format": POOL_FORMAT, "digest": digest, "index": k, "info": got[2]})

@@ -116,8 +116,13 @@ class TADConfig(Config):
             sym 0.4, quick, IPC 10; benchmarks/RESULTS.md "Why TAD lowers DATM"): experts on the trusted view
             lose the hard clean samples of the hard classes (the trusted set holds 34 % of all Shirt images
             against 91 % of all Trouser images) and the distilled set drops from 77.33 % (``False``; base DATM
-            77.35 %) to 75.67 % (``True``); ``"relabel"`` gives 76.57 %. Default ``True`` (the paper's design; for
-            DATM at CPU scale, ``False`` is the measured better choice).
+            77.35 %) to 75.67 % (``True``); ``"relabel"`` gives 76.57 %. ``"corrected"`` [ddfast]: every sample
+            with its given label, and the networks (experts / pool) trained with forward loss correction
+            (Patrini et al., CVPR 2017) under the noise transition TAD estimates from its scorer
+            (:func:`ddfast.noise.estimate_transition`): no hard-but-clean image is dropped and the flipped labels
+            are accounted for instead of removed. Default ``True`` (the paper's design).
+        transition_quantile: share in (0, 1] of the samples f assigns to a class, most confident first, used as
+            that class's anchors when the transition is estimated (``"corrected"``). Default 0.1.
         divert_init: synthetic images (and DATM's label logits) initialised from the trusted view.
         divert_real: real batches / per-class statistics of distillation steps from the trusted view.
         pass_weights: hand the GMM posteriors (1 for recalled samples) to the distiller as ``weights``.
@@ -163,7 +168,8 @@ class TADConfig(Config):
     require_agreement: bool = option(True)
     recall_ratio: float = option(0.7, gt=0, le=1)
     min_trusted_per_class: int = option(1, ge=0)
-    divert_pool: Union[bool, str] = option(True, choices=(True, False, "relabel"))
+    divert_pool: Union[bool, str] = option(True, choices=(True, False, "relabel", "corrected"))
+    transition_quantile: float = option(0.1, gt=0, le=1)
     divert_init: bool = option(True)
     divert_real: bool = option(True)
     pass_weights: bool = option(True)

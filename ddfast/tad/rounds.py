@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from ..distill.base import TrainSet
 from ..io import load_tensors, save_tensors
+from ..noise import estimate_transition, transition_matrix
 from ..ops import sample_stats
 from .config import TADConfig
 from .partition import cleanlab_detector, partition, partition_metrics, recall
@@ -50,6 +51,9 @@ class TrustState:
         ema_labels: ``int64 [N]`` -- the labels ``ema`` was computed against (a sample whose label changes
             afterwards restarts its EMA next round).
         gmm: ``{"weights", "means", "variances"}`` ``[C, 2]`` of the last fit (warm start).
+        transition: ``float64 [C, C]`` estimate of ``P(given label j | true class i)`` from this round's
+            scorer (:func:`ddfast.noise.estimate_transition` on the given labels); None in checkpoints written
+            before it existed.
     """
 
     round: int
@@ -59,6 +63,7 @@ class TrustState:
     ema: torch.Tensor
     ema_labels: torch.Tensor
     gmm: Dict[str, torch.Tensor] = field(default_factory=dict)
+    transition: Optional[torch.Tensor] = None
 
     def effective_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """``int64 [N]``: ``labels`` with the pseudo-labels applied."""
@@ -271,9 +276,15 @@ def run_round(ctx: RoundContext, r: int, prev: Optional[TrustState]) -> Tuple[Tr
     secs["cleanlab"] = time.perf_counter() - t0
     secs["total"] = secs["scorer"] + secs["score"] + secs["gmm"] + secs["recall"]
     diag["seconds"] = secs
+    transition = estimate_transition(torch.softmax(logits.double(), 1), train.labels, ctx.num_classes,
+                                     cfg.transition_quantile)
+    diag["transition_diagonal"] = [round(float(v), 4) for v in transition.diagonal()]
+    if ctx.clean is not None:  # how far the estimate is from the realised noise (diagnostic only)
+        true_t = transition_matrix(ctx.clean, train.labels, ctx.num_classes)
+        diag["transition_error"] = float((transition - true_t).abs().sum(1).max())
     gmm = {"weights": fit.weights.float(), "means": fit.means.float(), "variances": fit.variances.float()}
     state = TrustState(round=r, trusted=sp.trusted, replacement=sp.replacement, weights=sp.weights, ema=ema,
-                       ema_labels=labels.clone(), gmm=gmm)
+                       ema_labels=labels.clone(), gmm=gmm, transition=transition)
     return state, diag
 
 
@@ -295,6 +306,8 @@ class RoundStore:
             return
         tensors = {"trusted": state.trusted.to(torch.uint8), "replacement": state.replacement,
                    "weights": state.weights, "ema": state.ema, "ema_labels": state.ema_labels}
+        if state.transition is not None:
+            tensors["transition"] = state.transition
         for k, v in state.gmm.items():
             tensors[f"gmm.{k}"] = v
         for k, v in model.state_dict().items():
@@ -337,7 +350,8 @@ class RoundStore:
         gmm = {k[len("gmm."):]: v for k, v in tensors.items() if k.startswith("gmm.")}
         state = TrustState(round=r, trusted=tensors["trusted"].bool(), replacement=tensors["replacement"].long(),
                            weights=tensors["weights"].float(), ema=tensors["ema"].float(),
-                           ema_labels=tensors["ema_labels"].long(), gmm=gmm)
+                           ema_labels=tensors["ema_labels"].long(), gmm=gmm,
+                           transition=tensors["transition"].double() if "transition" in tensors else None)
         return state, list(meta.get("diagnostics", []))
 
 
@@ -352,15 +366,22 @@ def diverted_view(train: TrainSet, state: Optional[TrustState], divert: Union[bo
       and (``pass_weights``) ``weights = state.weights`` -- the trusted view;
     - ``divert="relabel"`` and a state: every sample (no mask, no weights) with ``replacement_labels =
       state.replacement`` -- the noisy set with TAD's pseudo-labels applied;
+    - ``divert="corrected"`` and a state: every sample with its given label and ``transition =
+      state.transition`` -- networks trained on it use forward loss correction;
     - otherwise the plain noisy set (trust fields cleared).
 
-    Raises ``ValueError`` for any other ``divert``."""
-    if not (isinstance(divert, bool) or divert == "relabel"):
-        raise ValueError(f"divert must be True, False or 'relabel', got {divert!r}")
+    Raises ``ValueError`` for any other ``divert``, or ``"corrected"`` with a state that has no transition."""
+    if not (isinstance(divert, bool) or divert in ("relabel", "corrected")):
+        raise ValueError(f"divert must be True, False, 'relabel' or 'corrected', got {divert!r}")
+    plain = dict(weights=None, trusted_mask=None, replacement_labels=None, transition=None)
     if not divert or state is None:
-        return dataclasses.replace(train, weights=None, trusted_mask=None, replacement_labels=None)
+        return dataclasses.replace(train, **plain)
     if divert == "relabel":
-        return dataclasses.replace(train, weights=None, trusted_mask=None,
-                                   replacement_labels=state.replacement.clone())
+        return dataclasses.replace(train, **{**plain, "replacement_labels": state.replacement.clone()})
+    if divert == "corrected":
+        if state.transition is None:
+            raise ValueError("divert='corrected' needs the round's noise transition, which this TAD checkpoint "
+                             "(written by an older ddfast) lacks; rerun TAD in a new checkpoint directory")
+        return dataclasses.replace(train, **{**plain, "transition": state.transition.clone()})
     return dataclasses.replace(train, trusted_mask=state.trusted.clone(), replacement_labels=state.replacement.clone(),
-                               weights=state.weights.clone() if pass_weights else None)
+                               weights=state.weights.clone() if pass_weights else None, transition=None)

@@ -162,6 +162,34 @@ def _tiny_pool_inputs(ts, n=300):
     return ts.images[idx], ts.labels[idx], Normalize(ts.mean, ts.std)
 
 
+def test_pool_models_with_forward_correction(digits):
+    """A transition makes the pool models minimise the forward-corrected loss (TAD's divert_pool="corrected"):
+    the identity transition is the plain recipe up to float rounding, another one changes the model, and
+    DANCE's cache key (the label digest) tells the two pools apart."""
+    from ddfast.distill.base import labels_digest
+    from ddfast.noise import symmetric_transition
+
+    ts, _ = digits
+    X, Y, norm = _tiny_pool_inputs(ts)
+    cfg = PoolConfig(net=NetConfig(width=8, depth=2), amount=1, epochs=2, batch_size=64)
+    plain = pool_mod.train_pool_model(X, Y, 10, norm, cfg, 0)
+    ident = pool_mod.train_pool_model(X, Y, 10, norm, cfg, 0, transition=torch.eye(10))
+    noisy = pool_mod.train_pool_model(X, Y, 10, norm, cfg, 0, transition=symmetric_transition(10, 0.4))
+    torch.testing.assert_close(ident[1], plain[1], rtol=1e-4, atol=1e-5)
+    assert (noisy[1] - plain[1]).norm() > 0.1 * (plain[1] - plain[0]).norm()
+    seen = []
+    build_pool(X, Y, 10, norm, cfg, trainer=lambda *a, **k: (seen.append(k.get("transition")),
+                                                              pool_mod.train_pool_model(*a, **k))[1],
+               transition=symmetric_transition(10, 0.4))
+    assert len(seen) == 1 and torch.equal(seen[0], symmetric_transition(10, 0.4))
+    with_t = dataclasses.replace(ts, transition=symmetric_transition(10, 0.4))
+    assert labels_digest(with_t) != labels_digest(ts)
+    with pytest.raises(ValueError, match="row-stochastic"):
+        dataclasses.replace(ts, transition=2 * symmetric_transition(10, 0.4))
+    with pytest.raises(ValueError, match="transition"):
+        dataclasses.replace(ts, transition=torch.eye(3))
+
+
 def test_pool_build_resumes_after_a_kill(digits, tmp_path):
     ts, _ = digits
     X, Y, norm = _tiny_pool_inputs(ts)

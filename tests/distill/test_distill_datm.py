@@ -109,6 +109,26 @@ def test_vmapped_and_sequential_experts_agree(digits):
     assert (ta[0, 0] - ta[1, 0]).norm() > 1e-2
 
 
+def test_forward_corrected_experts(digits, tmp_path):
+    """``transition``: the identity is the plain loss (float rounding), another T changes the trajectories
+    and is part of the buffer's identity (a directory holding the plain buffer refuses it)."""
+    from ddfast.noise import symmetric_transition
+
+    x, y = _expert_data(digits)
+    r = ExpertRecipe(net=NetConfig(width=8, depth=2), num_experts=1, epochs=2, lr=0.03, optimizer="sgd",
+                     subset_per_class=40)
+    plain = train_experts(r, x, y, 10, directory=str(tmp_path / "b"))
+    ident = train_experts(r, x, y, 10, transition=torch.eye(10))
+    noisy = train_experts(r, x, y, 10, transition=symmetric_transition(10, 0.4))
+    torch.testing.assert_close(ident.trajectory(0), plain.trajectory(0), rtol=1e-4, atol=1e-5)
+    moved = (plain.trajectory(0)[-1] - plain.trajectory(0)[0]).norm()
+    assert (noisy.trajectory(0)[-1] - plain.trajectory(0)[-1]).norm() > 0.1 * moved
+    with pytest.raises(ValueError, match="another expert buffer"):
+        train_experts(r, x, y, 10, directory=str(tmp_path / "b"), transition=symmetric_transition(10, 0.4))
+    with pytest.raises(ValueError, match="transition"):
+        train_experts(r, x, y, 10, transition=torch.eye(9))
+
+
 def test_gsam_direction_matches_definition():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(2, 7, dtype=torch.float64, generator=g)

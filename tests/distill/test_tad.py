@@ -7,6 +7,7 @@ exact resume with a tiny distiller defined here; and TAD end to end with DATM, D
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import math
@@ -410,7 +411,8 @@ class TinyConfig(DistillConfig):
 def _sig(train: TrainSet) -> Dict[str, Any]:
     return {"n": int(train.effective_indices().numel()), "masked": train.trusted_mask is not None,
             "weights": train.weights is not None,
-            "relabelled": int((train.replacement_labels >= 0).sum()) if train.replacement_labels is not None else 0}
+            "relabelled": int((train.replacement_labels >= 0).sum()) if train.replacement_labels is not None else 0,
+            "transition": train.transition is not None}
 
 
 class Tiny(Distiller):
@@ -521,7 +523,7 @@ def test_relabel_pool_sees_every_sample_with_the_pseudo_labels():
     assert n_pseudo > 0
     (pool,) = d.seen["prepare"]
     # no sample dropped, no weights, every pseudo-label applied; the other parts still see the trusted view
-    assert pool == {"n": 1437, "masked": False, "weights": False, "relabelled": n_pseudo}
+    assert pool == {"n": 1437, "masked": False, "weights": False, "relabelled": n_pseudo, "transition": False}
     assert all(s["masked"] and s["n"] == int(res.state.trusted.sum()) for s in d.seen["step"])
     ts = noisy_data("digits", "sym:0.4")[0]
     view = diverted_view(ts, res.state, "relabel")
@@ -529,6 +531,30 @@ def test_relabel_pool_sees_every_sample_with_the_pseudo_labels():
     assert torch.equal(view.effective_indices(), torch.arange(1437))
     with pytest.raises(ValueError, match="divert"):
         diverted_view(ts, res.state, "trusted")
+
+
+def test_corrected_pool_sees_every_sample_with_the_estimated_transition():
+    from ddfast.noise import transition_matrix
+
+    d, res = _tiny_run(consistency_lambda=0.0, divert_pool="corrected")
+    (pool,) = d.seen["prepare"]
+    # every sample with its given label, and the noise transition; the other parts still see the trusted view
+    assert pool == {"n": 1437, "masked": False, "weights": False, "relabelled": 0, "transition": True}
+    assert all(s["masked"] and not s["transition"] for s in d.seen["step"] + d.seen["initialize"])
+    ts, nl = noisy_data("digits", "sym:0.4")
+    T = res.state.transition
+    assert T.shape == (10, 10) and T.dtype == torch.float64
+    torch.testing.assert_close(T.sum(1), torch.ones(10, dtype=torch.float64))
+    last = res.rounds[-1]
+    assert last["transition_diagonal"] == [round(float(v), 4) for v in T.diagonal()]
+    true_t = transition_matrix(nl.clean_labels, ts.labels, 10)
+    assert last["transition_error"] == pytest.approx(float((T - true_t).abs().sum(1).max()))
+    view = diverted_view(ts, res.state, "corrected")
+    assert torch.equal(view.transition, T) and torch.equal(view.effective_labels(), ts.labels)
+    old = dataclasses.replace(res.state, transition=None)  # a round checkpoint from before the estimate existed
+    with pytest.raises(ValueError, match="transition"):
+        diverted_view(ts, old, "corrected")
+    assert diverted_view(ts, old, True).transition is None
 
 
 def test_pass_weights_switch():
@@ -624,6 +650,7 @@ def test_resume_after_a_killed_round_equals_uninterrupted(tmp_path, monkeypatch,
     assert _strip(resumed.rounds) == _strip(full.rounds)
     assert torch.equal(resumed.synset.images, full.synset.images)
     assert torch.equal(resumed.state.trusted, full.state.trusted)
+    assert torch.equal(resumed.state.transition, full.state.transition)  # saved with the round and loaded
 
 
 def test_resume_inside_distillation_equals_uninterrupted(tmp_path, monkeypatch):
@@ -685,6 +712,32 @@ def test_tad_with_datm(tmp_path, monkeypatch):
     n_t = int(res.state.trusted.sum())
     assert seen and all(s["n"] == n_t and s["masked"] for s in seen)
     assert bool(res.state.trusted[torch.tensor(d.init_info["indices"])].all())
+
+
+@pytest.mark.skipif(not _have("datm"), reason="ddfast.distill.datm does not exist yet")
+def test_tad_with_datm_forward_corrected_experts(tmp_path):
+    """divert_pool="corrected": DATM's experts train on every sample with forward loss correction under TAD's
+    estimate, in a buffer of their own."""
+    from ddfast.distill import make_distiller
+    from ddfast.distill.datm import DATMConfig
+
+    cfg = DATMConfig.from_dict(dict(
+        ipc=1, iterations=2, expert=dict(net=dict(width=8, depth=2), num_experts=1, epochs=3, optimizer="sgd", lr=0.03),
+        syn_steps=2, expert_epochs=1, min_start_epoch=0, current_max_start_epoch=1, max_start_epoch=2,
+        expansion_end_epoch=10, checkpoint_every=2, eval_epochs=10, eval_runs=1))
+    ts, nl = noisy_data("digits", "sym:0.4")
+    tcfg = tadcfg(dict(FAST_TAD, rounds=1, consistency_lambda=0.0, divert_pool="corrected"))
+    d = make_distiller("datm", cfg, cache_dir=str(tmp_path / "cache"), quiet=True)
+    res = run_tad(d, ts, tcfg, clean_labels=nl, quiet=True)
+    assert d.experts.meta["key"]["transition"] and d.experts.meta["recipe"]
+    assert d.experts.meta["stats"]["0"]["loss"]  # trained on all 1,437 samples
+    assert len(d.experts.meta["stats"]["0"]["loss"]) == 3
+    # the same recipe on the plain noisy view: another buffer, other trajectories
+    d2 = make_distiller("datm", cfg, cache_dir=str(tmp_path / "cache"), quiet=True)
+    d2.prepare(diverted_view(ts, res.state, False))
+    assert d2.experts_key != d.experts_key
+    assert not torch.allclose(d2.experts.trajectory(0)[-1], d.experts.trajectory(0)[-1])
+    torch.testing.assert_close(d2.experts.trajectory(0)[0], d.experts.trajectory(0)[0])  # same initialisation
 
 
 @pytest.mark.skipif(not _have("dance"), reason="ddfast.distill.dance does not exist yet")

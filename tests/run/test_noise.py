@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from ddfast.noise import (ASYM_MAPPINGS, CIFAR100_SUPERCLASSES, NoiseSpec, corrupt_labels, get_mapping,
-                          parse_noise_spec, symmetric_transition, transition_matrix)
+from ddfast.noise import (ASYM_MAPPINGS, CIFAR100_SUPERCLASSES, NoiseSpec, corrupt_labels, estimate_transition,
+                          forward_corrected_cross_entropy, get_mapping, pair_transition, parse_noise_spec,
+                          symmetric_transition, transition_matrix)
 
 
 def _labels(n, c, seed=0):
@@ -174,3 +175,103 @@ def test_none_zero_rate_and_label_errors():
         corrupt_labels(torch.tensor([0, 1]), "sym:0.1", 1)
     with pytest.raises(ValueError, match="entries"):
         corrupt_labels(y, "human:worse", 5, human_labels=torch.zeros(3, dtype=torch.long))
+
+
+# --------------------------------------------------------------------------------------------------------
+# forward loss correction (Patrini et al., CVPR 2017) and the anchor estimate of T
+# --------------------------------------------------------------------------------------------------------
+def _slow_forward_nll(logits, y, T):
+    """float64 loop: -log sum_k softmax(z)_k T[k, y]."""
+    out = []
+    for i in range(logits.shape[0]):
+        z = logits[i].double()
+        p = torch.exp(z - z.max())
+        p = p / p.sum()
+        out.append(-math.log(sum(float(p[k]) * float(T[k, y[i]]) for k in range(z.numel()))))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_forward_corrected_cross_entropy_against_a_loop(dtype):
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(17, 5, generator=g, dtype=torch.float64) * 3
+    y = torch.randint(0, 5, (17,), generator=g)
+    T = torch.rand(5, 5, generator=g, dtype=torch.float64) + torch.eye(5, dtype=torch.float64) * 3
+    T = T / T.sum(1, keepdim=True)
+    got = forward_corrected_cross_entropy(z.to(dtype), y, T, reduction="none")
+    assert got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(got.double(), _slow_forward_nll(z, y, T), rtol=tol, atol=tol)
+    torch.testing.assert_close(forward_corrected_cross_entropy(z.to(dtype), y, T).double(), got.double().mean(),
+                               rtol=tol, atol=tol)
+    # the identity transition is the plain cross-entropy, values and gradients
+    a = z.clone().requires_grad_(True)
+    b = z.clone().requires_grad_(True)
+    la = forward_corrected_cross_entropy(a, y, torch.eye(5, dtype=torch.float64))
+    lb = torch.nn.functional.cross_entropy(b, y)
+    la.backward()
+    lb.backward()
+    torch.testing.assert_close(la, lb, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="transition"):
+        forward_corrected_cross_entropy(z, y, T[:4])
+    with pytest.raises(ValueError, match="reduction"):
+        forward_corrected_cross_entropy(z, y, T, reduction="max")
+
+
+@pytest.mark.parametrize("T_of", [lambda: symmetric_transition(4, 0.5), lambda: pair_transition(4, 0.4, {0: 1, 2: 3})])
+def test_forward_correction_recovers_the_clean_posterior(T_of):
+    """Theorem 2 of Patrini et al.: the minimiser of the expected corrected loss under noisy labels drawn with T
+    is the clean class posterior (here: one input of clean class c, its noisy-label distribution T[c])."""
+    T = T_of()
+    for c in range(4):
+        z = torch.zeros(1, 4, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([z], lr=1, max_iter=200, line_search_fn="strong_wolfe")
+        noisy = T[c]  # the expected loss: sum_j T[c, j] * loss(z, j)
+
+        def closure():
+            opt.zero_grad()
+            loss = sum(noisy[j] * forward_corrected_cross_entropy(z, torch.tensor([j]), T) for j in range(4))
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        p = torch.softmax(z.detach(), 1)[0]
+        assert int(p.argmax()) == c and float(p[c]) > 0.98, (c, p)
+
+
+def test_estimate_transition_with_exact_predictions_is_the_realised_matrix():
+    clean = _labels(4000, 6, seed=3)
+    nl = corrupt_labels(clean, "sym:0.3", 6, seed=1)
+    # a classifier that predicts the clean class, with confidences that ignore the given label
+    conf = 0.5 + 0.5 * torch.rand(4000, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    probs = torch.full((4000, 6), 0.0, dtype=torch.float64)
+    probs += ((1 - conf) / 5).unsqueeze(1)
+    probs[torch.arange(4000), clean] = conf
+    T = estimate_transition(probs, nl.labels, 6, quantile=1.0)
+    torch.testing.assert_close(T, transition_matrix(clean, nl.labels, 6), rtol=0, atol=1e-12)
+    # a quantile keeps the most confident anchors; confidences independent of the noise keep the estimate close
+    Tq = estimate_transition(probs, nl.labels, 6, quantile=0.3)
+    assert torch.allclose(Tq.sum(1), torch.ones(6, dtype=torch.float64))
+    assert float((Tq - symmetric_transition(6, 0.3)).abs().max()) < 0.06
+    # slow reference for the quantile: per predicted class, the top ceil(q * n_i) by confidence
+    for i in range(6):
+        idx = [k for k in range(4000) if int(clean[k]) == i]
+        idx.sort(key=lambda k: -float(conf[k]))
+        top = idx[:math.ceil(0.3 * len(idx))]
+        row = np.bincount(nl.labels[top].numpy(), minlength=6) / len(top)
+        np.testing.assert_allclose(Tq[i].numpy(), row, atol=1e-12)
+
+
+def test_estimate_transition_edge_cases_and_errors():
+    probs = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.2, 0.0], [0.3, 0.7, 0.0]], dtype=torch.float64)
+    T = estimate_transition(probs, torch.tensor([0, 1, 1]), 3, quantile=1.0)
+    # class 2 is never predicted: identity row
+    torch.testing.assert_close(T, torch.tensor([[0.5, 0.5, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]],
+                                               dtype=torch.float64))
+    with pytest.raises(ValueError, match="probs"):
+        estimate_transition(probs[:, :2], torch.tensor([0, 1, 1]), 3)
+    with pytest.raises(ValueError, match="quantile"):
+        estimate_transition(probs, torch.tensor([0, 1, 1]), 3, quantile=0.0)
+    with pytest.raises(ValueError):
+        estimate_transition(probs, torch.tensor([0, 1, 3]), 3)

@@ -102,6 +102,11 @@ def test_report_tad_per_class_table():
     # without clean labels only the sizes are shown
     text = render_report({"dataset": {}, "tad": {"enabled": True, "rounds": [{"trusted_per_class": [4, 3]}]}})
     assert "| 0 | 4 |" in text and "precision" not in text.split("Trusted set per class")[1].split("\n\n")[1]
+    # the estimated noise transition's diagonal, and its error when the clean labels are known
+    text = render_report({**m, "tad": {"enabled": True, "rounds": [
+        dict(last, transition_diagonal=[0.61, 0.58], transition_error=0.125)]}})
+    assert "| cat | 4 | 1.000 | 0.400 | 0.610 |" in text and "| dog | 3 | 0.667 | 0.250 | 0.580 |" in text
+    assert "largest row error against the realised noise: 0.125" in text
 
 
 def test_report_per_class_accuracy_table():
