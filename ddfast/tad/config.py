@@ -110,7 +110,7 @@ class TADConfig(Config):
             ones are added when the GMM leaves fewer); ``run_tad`` raises it to the distiller's IPC. Default 1.
 
     Diversion (what the distiller sees):
-        divert_pool: expert trajectories (DATM) / model pool (DANCE, RCIG) trained on the trusted view
+        divert_pool: expert trajectories (DATM) / model pool (DANCE) trained on the trusted view
             (``True``), on the plain noisy set (``False``), or on *every* sample with TAD's labels (``"relabel"``:
             recalled samples carry their pseudo-labels, no sample is dropped). Measured with DATM (Fashion-MNIST,
             sym 0.4, quick, IPC 10; benchmarks/RESULTS.md "Why TAD lowers DATM"): experts on the trusted view
@@ -122,8 +122,10 @@ class TADConfig(Config):
             (:func:`ddfast.noise.estimate_transition`): no hard-but-clean image is dropped and the flipped labels
             are accounted for instead of removed. Measured with DATM (same setting, current quick preset, seed 0):
             75.33 % against 77.81 % for base DATM -- the corrected experts cost Dress, Shirt and Pullover 8-13
-            points (benchmarks/RESULTS.md, "TAD variants for DATM"). Default ``True`` (the paper's design; at
-            80 % symmetric noise it lifts DATM from 68.48 % to 73.08 %, at 40 % it cost DATM 1.7 points).
+            points (benchmarks/RESULTS.md, "TAD variants for DATM"). RCIG's pool trains on the synthetic set
+            only, so for RCIG every value of ``divert_pool`` is the same. Default ``True`` (the paper's design; at
+            80 % symmetric noise it lifts DATM from 68.48 % to 73.08 %; at 40 % it cost DATM 1.7 points on the
+            earlier preset).
         transition_quantile: share in (0, 1] of the samples f assigns to a class, most confident first, used as
             that class's anchors when the transition is estimated (``"corrected"``). Default 0.1.
         divert_init: synthetic images (and DATM's label logits) initialised from the trusted view.
