@@ -39,6 +39,7 @@ __all__ = [
     "corrupt_labels",
     "transition_matrix",
     "estimate_transition",
+    "estimate_noise_rate",
     "forward_corrected_cross_entropy",
     "symmetric_transition",
     "pair_transition",
@@ -290,6 +291,36 @@ def estimate_transition(probs: torch.Tensor, labels: torch.Tensor, num_classes: 
         top = idx[torch.topk(conf[idx], k).indices]
         T[i] = torch.bincount(y[top], minlength=C).double() / k
     return T
+
+
+def estimate_noise_rate(transition: torch.Tensor, prior: Optional[torch.Tensor] = None) -> float:
+    """The share of wrong labels implied by a noise transition: ``rho = 1 - sum_i prior_i T[i, i]``, the
+    probability that a sample's given label is not its true class (Patrini et al., CVPR 2017, Sec. 2: the noisy
+    label distribution is ``prior @ T``). With :func:`estimate_transition`'s ``T`` and the classifier's predicted
+    class shares as ``prior``, no clean label is needed; with the realised :func:`transition_matrix` and the
+    true class shares it is exactly the realised noise rate.
+
+    Args:
+        transition: ``float [C, C]``, rows summing to 1.
+        prior: ``float [C]`` true-class shares summing to 1; None = uniform.
+
+    Returns: rho in [0, 1] (a Python float).
+
+    Raises:
+        ValueError: ``transition`` not square, or ``prior`` of another length, negative or not summing to 1.
+    """
+    T = torch.as_tensor(transition).detach().double().cpu()
+    if T.dim() != 2 or T.shape[0] != T.shape[1]:
+        raise ValueError(f"transition must be [C, C], got {tuple(T.shape)}")
+    C = T.shape[0]
+    if prior is None:
+        p = torch.full((C,), 1.0 / C, dtype=torch.float64)
+    else:
+        p = torch.as_tensor(prior).detach().double().cpu()
+        if p.shape != (C,) or bool((p < 0).any()) or abs(float(p.sum()) - 1.0) > 1e-6:
+            raise ValueError(f"prior must be [{C}] non-negative shares summing to 1, got shape {tuple(p.shape)}, "
+                             f"sum {float(p.sum()) if p.numel() else 0.0:.6g}")
+    return float(min(1.0, max(0.0, 1.0 - float((p * T.diagonal()).sum()))))
 
 
 def forward_corrected_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, transition: torch.Tensor,

@@ -711,8 +711,8 @@ def render_report(m: Dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-_TAD_PREFERRED = ("n_trusted", "trusted_fraction", "precision", "recall", "n_recalled", "pseudo_label_accuracy",
-                  "label_accuracy_after", "cleanlab_precision", "cleanlab_recall", "scorer_accuracy",
+_TAD_PREFERRED = ("n_trusted", "trusted_fraction", "noise_rate_estimate", "precision", "recall", "n_recalled",
+                  "pseudo_label_accuracy", "label_accuracy_after", "cleanlab_precision", "cleanlab_recall", "scorer_accuracy",
                   "start_iteration", "end_iteration", "seconds")
 
 

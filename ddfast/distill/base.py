@@ -351,6 +351,9 @@ class Distiller:
 
     name = "base"
     config_class = DistillConfig
+    #: TAD's ``divert_pool="auto"`` diverts this method's networks (experts / pool) to the trusted view only when
+    #: the estimated noise rate exceeds ``TADConfig.divert_noise_rate`` (:func:`ddfast.tad.resolve_divert_pool`).
+    divert_pool_by_noise_rate = False
 
     def __init__(self, config: DistillConfig, *, device: str | torch.device = "cpu",
                  cache_dir: Optional[str] = None, quiet: bool = False):

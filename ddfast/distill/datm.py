@@ -214,6 +214,9 @@ class DATM(Distiller):
 
     name = "datm"
     config_class = DATMConfig
+    # the synthetic set learns what the expert trajectories cover: experts on the trusted view lose the
+    # hard-but-clean images, which costs more than the noise they avoid until most labels are wrong
+    divert_pool_by_noise_rate = True
 
     def __init__(self, config: DATMConfig, *, device: Union[str, torch.device] = "cpu",
                  cache_dir: Optional[str] = None, quiet: bool = False):

@@ -123,9 +123,16 @@ class TADConfig(Config):
             are accounted for instead of removed. Measured with DATM (same setting, current quick preset, seed 0):
             75.33 % against 77.81 % for base DATM -- the corrected experts cost Dress, Shirt and Pullover 8-13
             points (benchmarks/RESULTS.md, "TAD variants for DATM"). RCIG's pool trains on the synthetic set
-            only, so for RCIG every value of ``divert_pool`` is the same. Default ``True`` (the paper's design; at
-            80 % symmetric noise it lifts DATM from 68.48 % to 73.08 %; at 40 % it cost DATM 1.7 points on the
-            earlier preset).
+            only, so for RCIG every value of ``divert_pool`` is the same. ``"auto"`` (the default) [ddfast]:
+            ``True`` for a model pool (DANCE: measured gains at every noise kind), and for expert trajectories
+            (DATM, whose synthetic set learns whatever the experts cover) ``True`` only when the noise rate TAD
+            estimates (``TrustState.noise_rate``, :func:`ddfast.noise.estimate_noise_rate`) exceeds
+            ``divert_noise_rate``, else ``False``. The rule: divert the experts only when most given labels are
+            wrong. Measured with DATM (Fashion-MNIST, IPC 10, quick preset, seed 0): at 80 % symmetric noise
+            (estimate 0.79) the trusted view lifts it from 68.48 % to 73.08 %; at 40 % (estimate 0.40) it cost
+            1.7 points on the earlier preset and ``False`` tied base DATM (benchmarks/RESULTS.md).
+        divert_noise_rate: the estimated noise rate above which ``divert_pool="auto"`` diverts DATM's experts.
+            Default 0.5 (a majority of wrong labels).
         transition_quantile: share in (0, 1] of the samples f assigns to a class, most confident first, used as
             that class's anchors when the transition is estimated (``"corrected"``). Default 0.1.
         divert_init: synthetic images (and DATM's label logits) initialised from the trusted view.
@@ -173,7 +180,8 @@ class TADConfig(Config):
     require_agreement: bool = option(True)
     recall_ratio: float = option(0.7, gt=0, le=1)
     min_trusted_per_class: int = option(1, ge=0)
-    divert_pool: Union[bool, str] = option(True, choices=(True, False, "relabel", "corrected"))
+    divert_pool: Union[bool, str] = option("auto", choices=("auto", True, False, "relabel", "corrected"))
+    divert_noise_rate: float = option(0.5, ge=0, le=1)
     transition_quantile: float = option(0.1, gt=0, le=1)
     divert_init: bool = option(True)
     divert_real: bool = option(True)

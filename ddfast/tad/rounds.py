@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from ..distill.base import TrainSet
 from ..io import load_tensors, save_tensors
-from ..noise import estimate_transition, transition_matrix
+from ..noise import estimate_noise_rate, estimate_transition, transition_matrix
 from ..ops import sample_stats
 from .config import TADConfig
 from .partition import cleanlab_detector, partition, partition_metrics, recall
@@ -54,6 +54,9 @@ class TrustState:
         transition: ``float64 [C, C]`` estimate of ``P(given label j | true class i)`` from this round's
             scorer (:func:`ddfast.noise.estimate_transition` on the given labels); None in checkpoints written
             before it existed.
+        noise_rate: the estimated share of wrong given labels, ``1 - sum_i prior_i T[i, i]`` with the scorer's
+            predicted class shares as the prior (:func:`ddfast.noise.estimate_noise_rate`); it decides
+            ``divert_pool="auto"``. None in checkpoints written before it existed.
     """
 
     round: int
@@ -64,6 +67,7 @@ class TrustState:
     ema_labels: torch.Tensor
     gmm: Dict[str, torch.Tensor] = field(default_factory=dict)
     transition: Optional[torch.Tensor] = None
+    noise_rate: Optional[float] = None
 
     def effective_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """``int64 [N]``: ``labels`` with the pseudo-labels applied."""
@@ -279,12 +283,16 @@ def run_round(ctx: RoundContext, r: int, prev: Optional[TrustState]) -> Tuple[Tr
     transition = estimate_transition(torch.softmax(logits.double(), 1), train.labels, ctx.num_classes,
                                      cfg.transition_quantile)
     diag["transition_diagonal"] = [round(float(v), 4) for v in transition.diagonal()]
+    prior = torch.bincount(pred.long().cpu(), minlength=ctx.num_classes).double() / max(1, pred.numel())
+    noise_rate = estimate_noise_rate(transition, prior)
+    diag["noise_rate_estimate"] = noise_rate
     if ctx.clean is not None:  # how far the estimate is from the realised noise (diagnostic only)
         true_t = transition_matrix(ctx.clean, train.labels, ctx.num_classes)
         diag["transition_error"] = float((transition - true_t).abs().sum(1).max())
+        diag["noise_rate_realised"] = float((train.labels.cpu() != ctx.clean).double().mean())
     gmm = {"weights": fit.weights.float(), "means": fit.means.float(), "variances": fit.variances.float()}
     state = TrustState(round=r, trusted=sp.trusted, replacement=sp.replacement, weights=sp.weights, ema=ema,
-                       ema_labels=labels.clone(), gmm=gmm, transition=transition)
+                       ema_labels=labels.clone(), gmm=gmm, transition=transition, noise_rate=noise_rate)
     return state, diag
 
 
@@ -308,6 +316,8 @@ class RoundStore:
                    "weights": state.weights, "ema": state.ema, "ema_labels": state.ema_labels}
         if state.transition is not None:
             tensors["transition"] = state.transition
+        if state.noise_rate is not None:
+            tensors["noise_rate"] = torch.tensor(float(state.noise_rate), dtype=torch.float64)
         for k, v in state.gmm.items():
             tensors[f"gmm.{k}"] = v
         for k, v in model.state_dict().items():
@@ -351,7 +361,8 @@ class RoundStore:
         state = TrustState(round=r, trusted=tensors["trusted"].bool(), replacement=tensors["replacement"].long(),
                            weights=tensors["weights"].float(), ema=tensors["ema"].float(),
                            ema_labels=tensors["ema_labels"].long(), gmm=gmm,
-                           transition=tensors["transition"].double() if "transition" in tensors else None)
+                           transition=tensors["transition"].double() if "transition" in tensors else None,
+                           noise_rate=float(tensors["noise_rate"]) if "noise_rate" in tensors else None)
         return state, list(meta.get("diagnostics", []))
 
 

@@ -15,7 +15,27 @@ from .consistency import ConsistencyRegularizer
 from .rounds import RoundContext, RoundStore, TrustState, diverted_view, run_round
 from .scorer import TrustScorer
 
-__all__ = ["TADResult", "run_tad", "tad_partition"]
+__all__ = ["TADResult", "run_tad", "tad_partition", "resolve_divert_pool"]
+
+
+def resolve_divert_pool(divert: Union[bool, str], distiller: Optional[Distiller], state: Optional[TrustState],
+                        noise_rate_threshold: float = 0.5) -> Union[bool, str]:
+    """What ``TADConfig.divert_pool`` means for this distiller and trust state [ddfast]: anything but
+    ``"auto"`` as given; ``"auto"`` gives ``True`` for distillers that train a model pool and, for those whose
+    class sets ``divert_pool_by_noise_rate`` (DATM: expert trajectories), ``True`` only when
+    ``state.noise_rate > noise_rate_threshold`` (most given labels wrong), else ``False``.
+
+    Raises:
+        ValueError: ``"auto"`` for such a distiller with a state that carries no noise-rate estimate (a TAD
+            checkpoint from an older ddfast)."""
+    if divert != "auto":
+        return divert
+    if distiller is None or not getattr(distiller, "divert_pool_by_noise_rate", False) or state is None:
+        return True
+    if state.noise_rate is None:
+        raise ValueError("divert_pool='auto' needs the round's noise-rate estimate, which this TAD checkpoint "
+                         "(written by an older ddfast) lacks; rerun TAD in a new checkpoint directory")
+    return bool(state.noise_rate > noise_rate_threshold)
 
 
 @dataclass
@@ -84,16 +104,20 @@ def run_tad(distiller: Distiller, train: TrainSet, config: Union[TADConfig, Dict
         callback: passed to ``Distiller.run`` (called after every distillation step).
 
     Returns:
-        :class:`TADResult`. Each round dict holds (``None`` where not known):
+        :class:`TADResult`; its ``summary`` also holds ``divert_pool`` (the config's value resolved, see
+        :func:`resolve_divert_pool`) and ``noise_rate_estimate``. Each round dict holds (``None`` where not known):
         ``round``, ``n``, ``n_trusted_gmm`` (GMM partition), ``n_fallback`` (added by the per-class minimum),
         ``n_kept`` (trusted earlier, rejected by this round's GMM, kept by ``trust_update="grow"``),
         ``n_untrusted`` (the recall candidates), ``n_recalled``, ``n_relabelled`` (recalled with a label different
         from their current one), ``n_trusted`` (after recall), ``trusted_fraction``, ``gmm_shrinkage`` (the
         Ledoit-Wolf intensity used), ``scorer_agreement`` (f's predictions == current labels),
-        ``trusted_per_class``, ``seconds`` (dict of wall seconds: scorer, score, gmm, recall, cleanlab, total --
+        ``trusted_per_class``, ``transition_diagonal`` (the estimated noise transition's diagonal),
+        ``noise_rate_estimate`` (the estimated share of wrong given labels, which decides
+        ``divert_pool="auto"``), ``seconds`` (dict of wall seconds: scorer, score, gmm, recall, cleanlab, total --
         total excludes cleanlab -- and cpu: the process CPU seconds of scorer..recall, a load-independent cost
         measure on a shared machine) and, with clean labels: ``label_accuracy`` (current labels before the
         round's recall vs truth), ``label_accuracy_after``, ``scorer_accuracy`` (f's predictions vs truth),
+        ``noise_rate_realised``, ``transition_error`` (largest L1 row error of the estimated transition),
         ``scorer_noisy_fit`` (share of the wrongly labelled samples whose wrong label f predicts: memorisation;
         low = f's predictions are near out-of-sample), ``gmm_precision``/``gmm_recall`` (the GMM partition as a
         detector of correctly-labelled samples), ``precision``/``recall`` (the trusted set after recall, same
@@ -156,6 +180,7 @@ class _TADRun:
         self.diagnostics: List[Dict[str, Any]] = []
         self._views: Optional[DistillViews] = None
         self._views_for: Optional[TrustState] = None
+        self.divert_pool: Union[bool, str, None] = None  # cfg.divert_pool resolved (resolve_divert_pool)
         self.t_distill = 0.0
 
     def say(self, msg: str) -> None:
@@ -230,7 +255,8 @@ class _TADRun:
         view objects on every call, so they are prepared once), real data from ``current``'s."""
         cfg = self.cfg
         if self._views_for is not first:
-            self._views = DistillViews(pool=diverted_view(self.train, first, cfg.divert_pool, cfg.pass_weights),
+            self.divert_pool = resolve_divert_pool(cfg.divert_pool, self.d, first, cfg.divert_noise_rate)
+            self._views = DistillViews(pool=diverted_view(self.train, first, self.divert_pool, cfg.pass_weights),
                                        init=diverted_view(self.train, first, cfg.divert_init, cfg.pass_weights))
             self._views_for = first
         real = diverted_view(self.train, current, cfg.divert_real, cfg.pass_weights)
@@ -248,6 +274,10 @@ class _TADRun:
         s = {"rounds": self.cfg.rounds, "schedule": self.cfg.schedule, "n_trusted": int(state.trusted.sum()),
              "n_pseudo_labelled": int((state.replacement >= 0).sum()), "tad_seconds": overhead,
              "cleanlab_seconds": cl, "distill_seconds": self.t_distill}
+        if state.noise_rate is not None:
+            s["noise_rate_estimate"] = float(state.noise_rate)
+        if self.divert_pool is not None:
+            s["divert_pool"] = self.divert_pool
         for k in ("precision", "recall", "label_accuracy_after"):
             if last.get(k) is not None:
                 s[k] = last[k]

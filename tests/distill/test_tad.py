@@ -505,6 +505,54 @@ def test_diversion_default_every_part_sees_the_trusted_set():
     eff = res.state.effective_labels(noisy_data("digits", "sym:0.4")[0].labels)
     assert torch.equal(res.synset.labels, eff[d.init_idx])
     assert res.synset.metadata["tad"]["summary"]["n_trusted"] == n_t
+    # "auto" (the default) diverts every distiller without divert_pool_by_noise_rate
+    assert res.summary["divert_pool"] is True and res.synset.metadata["tad"]["config"]["divert_pool"] == "auto"
+
+
+def test_noise_rate_estimate_in_rounds_state_and_summary():
+    ts, nl = noisy_data("digits", "sym:0.4")
+    _, res = _tiny_run(consistency_lambda=0.0)
+    realised = float((ts.labels != nl.clean_labels).double().mean())
+    for r in res.rounds:
+        assert r["noise_rate_realised"] == pytest.approx(realised, abs=1e-12)
+        # the anchors of a 1,437-image set are ~14 per class: a rough estimate, but the realised rate's, not 0
+        assert abs(r["noise_rate_estimate"] - realised) < 0.15, r["noise_rate_estimate"]
+    assert res.state.noise_rate == res.rounds[-1]["noise_rate_estimate"] == res.summary["noise_rate_estimate"]
+
+
+class _ByRate(Tiny):
+    divert_pool_by_noise_rate = True
+
+
+def test_resolve_divert_pool_rule():
+    from ddfast.tad import resolve_divert_pool
+
+    _, res = _tiny_run(consistency_lambda=0.0, rounds=1)
+    st = res.state
+    by_rate, pool = _ByRate(TinyConfig(), quiet=True), Tiny(TinyConfig(), quiet=True)
+    for explicit in (True, False, "relabel", "corrected"):
+        assert resolve_divert_pool(explicit, by_rate, st, 0.5) == explicit
+    assert resolve_divert_pool("auto", pool, dataclasses.replace(st, noise_rate=0.1)) is True
+    assert resolve_divert_pool("auto", by_rate, dataclasses.replace(st, noise_rate=0.51), 0.5) is True
+    assert resolve_divert_pool("auto", by_rate, dataclasses.replace(st, noise_rate=0.5), 0.5) is False
+    assert resolve_divert_pool("auto", by_rate, dataclasses.replace(st, noise_rate=0.3), 0.2) is True
+    assert resolve_divert_pool("auto", by_rate, None) is True
+    with pytest.raises(ValueError, match="noise-rate"):
+        resolve_divert_pool("auto", by_rate, dataclasses.replace(st, noise_rate=None))
+
+
+@pytest.mark.parametrize("threshold", [0.9, 0.1])
+def test_auto_diverts_a_by_rate_distiller_only_above_the_threshold(threshold):
+    ts, nl = noisy_data("digits", "sym:0.4")
+    d = _ByRate(TinyConfig(), quiet=True)
+    res = run_tad(d, ts, tadcfg({**FAST_TAD, "consistency_lambda": 0.0, "divert_noise_rate": threshold}),
+                  clean_labels=nl, quiet=True)
+    diverted = res.state.noise_rate > threshold  # the estimate is ~0.35 here
+    assert diverted == (threshold < 0.5)
+    assert res.summary["divert_pool"] is diverted
+    assert all(s["masked"] == diverted and s["n"] == (int(res.state.trusted.sum()) if diverted else 1437)
+               for s in d.seen["prepare"])
+    assert all(s["masked"] for s in d.seen["initialize"] + d.seen["step"])  # the other parts stay diverted
 
 
 @pytest.mark.parametrize("part", ["pool", "init", "real"])
@@ -651,6 +699,7 @@ def test_resume_after_a_killed_round_equals_uninterrupted(tmp_path, monkeypatch,
     assert torch.equal(resumed.synset.images, full.synset.images)
     assert torch.equal(resumed.state.trusted, full.state.trusted)
     assert torch.equal(resumed.state.transition, full.state.transition)  # saved with the round and loaded
+    assert resumed.state.noise_rate == full.state.noise_rate is not None
 
 
 def test_resume_inside_distillation_equals_uninterrupted(tmp_path, monkeypatch):
@@ -679,12 +728,13 @@ def _have(mod):
     return importlib.util.find_spec(f"ddfast.distill.{mod}") is not None
 
 
-def _e2e(method, cfg, tmp_path):
+def _e2e(method, cfg, tmp_path, **tad_kw):
     from ddfast.distill import make_distiller
 
     ts, nl = noisy_data("digits", "sym:0.4")
     d = make_distiller(method, cfg, cache_dir=str(tmp_path / "cache"), quiet=True)
-    res = run_tad(d, ts, tadcfg(dict(FAST_TAD, rounds=1, consistency_lambda=0.1, **{"scorer.warmup_epochs": 4.0})),
+    res = run_tad(d, ts, tadcfg(dict(FAST_TAD, rounds=1, consistency_lambda=0.1, **{"scorer.warmup_epochs": 4.0},
+                                     **tad_kw)),
                   clean_labels=nl, checkpoint_dir=str(tmp_path / "ckpt"), quiet=True)
     syn = res.synset
     assert syn.images.shape[0] == 10 * cfg.ipc * getattr(cfg, "factor", 1) ** 2
@@ -697,7 +747,8 @@ def _e2e(method, cfg, tmp_path):
 
 
 @pytest.mark.skipif(not _have("datm"), reason="ddfast.distill.datm does not exist yet")
-def test_tad_with_datm(tmp_path, monkeypatch):
+@pytest.mark.parametrize("divert_pool", [True, "auto"])
+def test_tad_with_datm(tmp_path, monkeypatch, divert_pool):
     from ddfast.distill.datm import DATM, DATMConfig
 
     seen = []
@@ -707,10 +758,14 @@ def test_tad_with_datm(tmp_path, monkeypatch):
         ipc=1, iterations=3, expert=dict(net=dict(width=8, depth=2), num_experts=2, epochs=6, optimizer="sgd", lr=0.03),
         syn_steps=3, expert_epochs=2, min_start_epoch=0, current_max_start_epoch=2, max_start_epoch=4,
         expansion_end_epoch=10, checkpoint_every=2, eval_epochs=10, eval_runs=1))
-    d, res = _e2e("datm", cfg, tmp_path)
-    # experts and initial images come from the trusted set only
+    d, res = _e2e("datm", cfg, tmp_path, divert_pool=divert_pool)
     n_t = int(res.state.trusted.sum())
-    assert seen and all(s["n"] == n_t and s["masked"] for s in seen)
+    if divert_pool is True:  # experts from the trusted set only
+        assert seen and all(s["n"] == n_t and s["masked"] for s in seen)
+    else:  # "auto": the estimated noise rate (~0.35, digits sym 0.4) is below 0.5 -> experts on every sample
+        assert res.state.noise_rate < 0.5 and res.summary["divert_pool"] is False
+        assert seen and all(s["n"] == 1437 and not s["masked"] for s in seen)
+    # the initial images come from the trusted set either way
     assert bool(res.state.trusted[torch.tensor(d.init_info["indices"])].all())
 
 

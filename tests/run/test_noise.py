@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from ddfast.noise import (ASYM_MAPPINGS, CIFAR100_SUPERCLASSES, NoiseSpec, corrupt_labels, estimate_transition,
+from ddfast.noise import (ASYM_MAPPINGS, CIFAR100_SUPERCLASSES, NoiseSpec, corrupt_labels, estimate_noise_rate,
+                          estimate_transition,
                           forward_corrected_cross_entropy, get_mapping, pair_transition, parse_noise_spec,
                           symmetric_transition, transition_matrix)
 
@@ -275,3 +276,32 @@ def test_estimate_transition_edge_cases_and_errors():
         estimate_transition(probs, torch.tensor([0, 1, 1]), 3, quantile=0.0)
     with pytest.raises(ValueError):
         estimate_transition(probs, torch.tensor([0, 1, 3]), 3)
+
+
+@pytest.mark.parametrize("spec", ["sym:0.3", "asym:0.4", "idn:0.4"])
+def test_estimate_noise_rate_of_the_realised_transition_is_the_realised_rate(spec):
+    clean = _labels(3000, 10, seed=5)
+    kw = {"mapping": "fashion-mnist"} if spec.startswith("asym") else {}
+    if spec.startswith("idn"):
+        kw["images"] = torch.rand(3000, 1, 6, 6, generator=torch.Generator().manual_seed(4))
+    nl = corrupt_labels(clean, spec, 10, seed=2, **kw)
+    T = transition_matrix(clean, nl.labels, 10)
+    prior = torch.bincount(clean, minlength=10).double() / 3000
+    realised = float((nl.labels != clean).double().mean())
+    assert estimate_noise_rate(T, prior) == pytest.approx(realised, abs=1e-12)
+    # slow reference: sum over samples of P(label kept | class)
+    kept = sum(float(T[int(c), int(c)]) for c in clean) / 3000
+    assert estimate_noise_rate(T, prior) == pytest.approx(1.0 - kept, abs=1e-9)
+
+
+def test_estimate_noise_rate_uniform_prior_and_errors():
+    assert estimate_noise_rate(symmetric_transition(6, 0.3)) == pytest.approx(0.3, abs=1e-12)
+    assert estimate_noise_rate(torch.eye(4)) == 0.0
+    with pytest.raises(ValueError, match="transition"):
+        estimate_noise_rate(torch.ones(3, 4) / 4)
+    with pytest.raises(ValueError, match="prior"):
+        estimate_noise_rate(torch.eye(3), torch.tensor([0.5, 0.5]))
+    with pytest.raises(ValueError, match="prior"):
+        estimate_noise_rate(torch.eye(3), torch.tensor([0.5, 0.6, 0.1]))
+    with pytest.raises(ValueError, match="prior"):
+        estimate_noise_rate(torch.eye(3), torch.tensor([1.2, -0.1, -0.1]))
