@@ -655,6 +655,9 @@ def render_report(m: Dict[str, Any]) -> str:
         if tad.get("summary"):
             out.append("")
             out.append("Summary: " + ", ".join(f"{k} = {_fmt_cell(v)}" for k, v in tad["summary"].items()))
+            why = _tad_divert_sentence(tad, (m.get("config") or {}).get("method"))
+            if why:
+                out.extend(["", why])
         out.append("")
 
     if m.get("privacy"):
@@ -747,6 +750,23 @@ def _tad_per_class(last: Dict[str, Any], classes: Sequence[str]) -> str:
                                                 is not None else ".") if diag else ""),
             "", _table(head, rows)]
     return "\n".join(text)
+
+
+def _tad_divert_sentence(tad: Dict[str, Any], method: Optional[str]) -> str:
+    """What the experts / pool were trained on, and (``divert_pool="auto"``) why; empty for RCIG, whose pool
+    trains on the synthetic set."""
+    summ, cfg = tad.get("summary") or {}, tad.get("config") or {}
+    if "divert_pool" not in summ or method == "rcig":
+        return ""
+    what = {True: "the trusted view", False: "every image with its given label",
+            "relabel": "every image with TAD's pseudo-labels",
+            "corrected": "every image with forward loss correction"}.get(summ["divert_pool"], str(summ["divert_pool"]))
+    text = f"Expert trajectories / model pool trained on {what}"
+    rate = summ.get("noise_rate_estimate")
+    if cfg.get("divert_pool") == "auto" and rate is not None:
+        text += (f" (`divert_pool=\"auto\"`: estimated noise rate {rate:.3f}, threshold "
+                 f"{float(cfg.get('divert_noise_rate', 0.5)):.2f} for DATM's experts; pools are always diverted)")
+    return text + "."
 
 
 def _tad_columns(rounds: Sequence[Dict[str, Any]]) -> List[str]:
