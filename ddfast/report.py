@@ -598,9 +598,12 @@ def render_report(m: Dict[str, Any]) -> str:
     if per_class:
         out.append("### Per-class test accuracy (%)")
         out.append("")
-        out.append("Mean over each row's runs (last epoch for the full-data baselines); the difference column is the "
-                   "distilled set minus the last-epoch full noisy set, so a user sees which classes the compression "
-                   "costs." + (f" Long-tailed training set (n_min / n_max = {float(lt):g}, class 0 the largest): the "
+        has_diff = "distilled - full noisy" in per_class.split("\n", 1)[0]
+        out.append("Mean over each row's runs (last epoch for the full-data baselines)"
+                   + ("; the difference column is the distilled set minus the last-epoch full noisy set, so a user "
+                      "sees which classes the compression costs." if has_diff else
+                      "; without the full noisy baseline in this run there is no difference column.")
+                   + (f" Long-tailed training set (n_min / n_max = {float(lt):g}, class 0 the largest): the "
                                "last rows average the head, middle and tail classes." if lt is not None else ""))
         out.append("")
         out.append(per_class)

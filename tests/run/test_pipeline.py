@@ -119,6 +119,11 @@ def test_report_per_class_accuracy_table():
     assert "### Per-class test accuracy (%)" in text
     assert "| cat | 80.0 | 90.0 | -10.0 |" in text and "| dog | 40.0 | 50.0 | -10.0 |" in text
     assert "random subset" not in text.split("### Per-class test accuracy (%)")[1].split("\n\n")[2]
+    assert "the difference column is the distilled set minus" in text
+    # without the full noisy baseline the text does not name a column the table lacks
+    text = render_report({"dataset": {"classes": ["cat", "dog"]}, "config": {"method": "dance"},
+                          "results": {k: v for k, v in res.items() if k != "full_noisy"}})
+    assert "| cat | 80.0 |" in text and "difference column is" not in text and "no difference column" in text
     del res["distilled"]["per_class"]
     assert "Per-class test accuracy" not in render_report({"dataset": {}, "results": res})
 
