@@ -91,11 +91,9 @@ def markdown(rows: List[Dict[str, str]], cross: List[Dict[str, Any]]) -> str:
                    f"**{r['distilled_mean']} ± {r['distilled_std']}** | {r['full_noisy_last']} / "
                    f"{r['full_noisy_early_stop']} / {r['full_noisy_best_epoch']} | {rnd} | {diff} | "
                    f"{r['cell_seconds']} s | {r['commit']} |")
-    out += ["", "| method | noise kind | IPC | crossover | rates measured |", "|---|---|---|---|---|"]
-    for c in cross:
-        rate = "none" if c["crossover"] is None else f"{c['crossover']:g}"
-        out.append(f"| {c['method']} | {c['noise']} | {c['ipc']} | {rate} | {', '.join(f'{x:g}' for x in c['rates'])} |")
-    return "\n".join(out)
+    from ddfast.report import crossover_table
+
+    return "\n".join(out + ["", crossover_table(cross)])
 
 
 def main(argv=None) -> int:

@@ -36,6 +36,7 @@ __all__ = [
     "plot_baseline_curves",
     "plot_noise_study",
     "crossover_rates",
+    "crossover_table",
     "result_row",
     "RESULT_ROWS",
     "render_report",
@@ -355,6 +356,15 @@ def crossover_rates(cells: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return out
 
 
+def crossover_table(cross: Sequence[Dict[str, Any]]) -> str:
+    """Markdown table of :func:`crossover_rates` rows (``"none"``: at no measured rate); "" without rows."""
+    if not cross:
+        return ""
+    rows = [[c["method"], c["noise"], str(c["ipc"]), "none" if c["crossover"] is None else f"{c['crossover']:g}",
+             ", ".join(f"{r:g}" for r in c["rates"])] for c in cross]
+    return _table(["method", "noise", "IPC", "crossover", "rates measured"], rows)
+
+
 def plot_noise_study(cells: Sequence[Dict[str, Any]], path: str) -> Optional[str]:
     """Test accuracy against noise rate: one panel per (noise kind, IPC), one line per method and per baseline
     row (dashed), from finished sweep cells. Returns the path written, or None when there is nothing to plot."""
@@ -473,6 +483,14 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def _full_noisy_per_class(res: Dict[str, Any]) -> Optional[List[float]]:
+    """The full noisy set's per-class accuracies when they pair with the distilled set's (the difference column
+    of :func:`per_class_table`), else None."""
+    d = (res.get("distilled") or {}).get("per_class")
+    fn = (res.get("full_noisy") or {}).get("per_class")
+    return fn if d and fn and len(fn) == len(d) else None
+
+
 def per_class_table(res: Dict[str, Any], classes: Sequence[str], method: str = "distilled",
                     long_tailed: bool = False) -> str:
     """Markdown table of per-class test accuracy: one row per class, one column per result that recorded it
@@ -483,20 +501,20 @@ def per_class_table(res: Dict[str, Any], classes: Sequence[str], method: str = "
         return ""
     keys = [k for k in RESULT_ROWS if (res.get(k) or {}).get("per_class") and len(res[k]["per_class"]) == len(d)]
     names = {k: (f"{method} distilled" if k == "distilled" else k.replace("_", " ")) for k in keys}
-    fn = (res.get("full_noisy") or {}).get("per_class")
-    head = ["class"] + [names[k] for k in keys] + (["distilled - full noisy"] if fn and len(fn) == len(d) else [])
+    fn = _full_noisy_per_class(res)
+    head = ["class"] + [names[k] for k in keys] + (["distilled - full noisy"] if fn else [])
     rows = []
     for c in range(len(d)):
         name = classes[c] if c < len(classes) else str(c)
         row = [name] + [f"{res[k]['per_class'][c]:.1f}" for k in keys]
-        if fn and len(fn) == len(d):
+        if fn:
             row.append(f"{d[c] - fn[c]:+.1f}")
         rows.append(row)
     if long_tailed:
         for group, idx in class_groups(len(d)).items():
             row = [f"**{group}** (classes {idx[0]}-{idx[-1]})"]
             row += [f"{sum(res[k]['per_class'][c] for c in idx) / len(idx):.1f}" for k in keys]
-            if fn and len(fn) == len(d):
+            if fn:
                 row.append(f"{sum(d[c] - fn[c] for c in idx) / len(idx):+.1f}")
             rows.append(row)
     return _table(head, rows)
@@ -598,7 +616,7 @@ def render_report(m: Dict[str, Any]) -> str:
     if per_class:
         out.append("### Per-class test accuracy (%)")
         out.append("")
-        has_diff = "distilled - full noisy" in per_class.split("\n", 1)[0]
+        has_diff = _full_noisy_per_class(res) is not None
         out.append("Mean over each row's runs (last epoch for the full-data baselines)"
                    + ("; the difference column is the distilled set minus the last-epoch full noisy set, so a user "
                       "sees which classes the compression costs." if has_diff else

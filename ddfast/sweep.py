@@ -279,20 +279,14 @@ def _study_text(cross: List[Dict[str, Any]], cells: List[Dict[str, Any]], plot: 
                 done_cells: Sequence[Dict[str, Any]] = ()) -> str:
     """The end of ``results.md``: the plot, the crossover rate per method, the head / middle / tail table of
     long-tailed cells, unfinished cells, the time taken."""
-    from .report import long_tail_rows, long_tail_text
+    from .report import crossover_table, long_tail_rows, long_tail_text
 
     lines = [""]
     if plot:
         lines += [f"![test accuracy against noise rate]({os.path.relpath(plot, out_root)})", ""]
     if cross:
         lines += ["Crossover: the lowest noise rate at which the distilled set beats the full noisy training set "
-                  "trained to its last epoch (\"none\": at no measured rate).", "",
-                  "| method | noise | IPC | crossover | rates measured |", "|---|---|---|---|---|"]
-        for c in cross:
-            rate = "none" if c["crossover"] is None else f"{c['crossover']:g}"
-            lines.append(f"| {c['method']} | {c['noise']} | {c['ipc']} | {rate} | "
-                         f"{', '.join(f'{r:g}' for r in c['rates'])} |")
-        lines.append("")
+                  "trained to its last epoch (\"none\": at no measured rate).", "", crossover_table(cross), ""]
     lt = long_tail_text(long_tail_rows(done_cells))
     if lt:
         lines += [lt]

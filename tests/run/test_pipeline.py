@@ -143,7 +143,7 @@ def test_report_titles_without_label_noise():
 def test_report_headline_compares_with_the_last_epoch_full_noisy_baseline():
     """The first sentence compares the distilled set with the full noisy set trained to its last epoch and says
     so; early stopping and the best epoch (oracle) follow, then the random subset."""
-    from ddfast.report import crossover_rates, render_report, result_row
+    from ddfast.report import crossover_rates, crossover_table, render_report, result_row
 
     ev = {"epochs_trained": 30, "curve": [60.0, 70.0, 65.0],
           "best_epoch": {"mean": 70.0, "std": 0.0, "accs": [70.0], "epochs": [2]},
@@ -166,6 +166,9 @@ def test_report_headline_compares_with_the_last_epoch_full_noisy_baseline():
     got = {(c["noise"], c["method"]): c for c in crossover_rates(cells)}
     assert got[("sym", "DATM")]["crossover"] == 0.4 and got[("sym", "DATM")]["rates"] == [0.0, 0.2, 0.4, 0.6]
     assert got[("asym", "DATM")]["crossover"] is None
+    table = crossover_table(crossover_rates(cells))
+    assert "| DATM | sym | 10 | 0.4 | 0, 0.2, 0.4, 0.6 |" in table and "| DATM | asym | 10 | none | 0, 0.4 |" in table
+    assert crossover_table([]) == ""
 
 
 def test_long_tail_rows_against_hand_computed_groups():
