@@ -7,7 +7,9 @@ its evaluation runs, the full noisy set's last-epoch / early-stopped / best-epoc
 subset, the cell's wall time and the commit it ran on. This script
 
 - appends (or replaces) the rows of finished run directories (``--add RUN_DIR ...``: each ``metrics.json`` of
-  ``ddfast run`` / ``ddfast sweep``; commit given with ``--commit``),
+  ``ddfast run`` / ``ddfast sweep``; commit given with ``--commit``); a cell run without the full noisy baseline
+  takes it from another method's cell on the same noisy labels (:func:`borrow_full_noisy`; the column
+  ``full_noisy_from`` names that cell),
 - prints the markdown table and the crossover rate per (method, noise kind, IPC): the lowest noise rate at which
   the distilled set beats the last-epoch full noisy set (:func:`ddfast.report.crossover_rates`),
 - draws the plot of all methods with :func:`ddfast.report.plot_noise_study` (the sweep's own plot).
@@ -31,7 +33,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 FIELDS = ["method", "noise", "ipc", "seed", "realised_rate", "distilled_mean", "distilled_std", "full_noisy_last",
           "full_noisy_early_stop", "full_noisy_best_epoch", "random_subset_mean", "random_subset_std",
-          "cell_seconds", "commit"]
+          "cell_seconds", "commit", "full_noisy_from"]
+BASELINE_COLS = ["full_noisy_last", "full_noisy_early_stop", "full_noisy_best_epoch"]
 
 
 def _f(x: Any) -> str:
@@ -60,7 +63,23 @@ def row_from_run(run_dir: str, commit: str) -> Dict[str, str]:
             "full_noisy_early_stop": _f((ev.get("early_stop") or {}).get("mean")),
             "full_noisy_best_epoch": _f((ev.get("best_epoch") or {}).get("mean")),
             "random_subset_mean": _f(rs.get("mean")), "random_subset_std": _f(rs.get("std")),
-            "cell_seconds": f"{float(m.get('total_seconds', 0.0)):.0f}", "commit": commit}
+            "cell_seconds": f"{float(m.get('total_seconds', 0.0)):.0f}", "commit": commit, "full_noisy_from": ""}
+
+
+def borrow_full_noisy(row: Dict[str, str], rows: List[Dict[str, str]]) -> Dict[str, str]:
+    """Fills a cell run without the full noisy baseline (``baselines: [random_subset]``) from the first row of
+    another method with the same noise and seed. The baseline depends only on the noisy labels (dataset, noise
+    spec, seed), not on the distiller, so the cells share one trained network; ``ddfast sweep`` does the same
+    through its baseline cache. ``full_noisy_from`` names the cell the numbers come from. Rows that have the
+    baseline, or have no donor, are returned unchanged."""
+    if row["full_noisy_last"]:
+        return row
+    for r in rows:
+        if (r["noise"], r["seed"]) == (row["noise"], row["seed"]) and r["full_noisy_last"] and \
+                not r.get("full_noisy_from"):
+            return {**row, **{k: r[k] for k in BASELINE_COLS},
+                    "full_noisy_from": f"{r['method']}/{r['noise']}/ipc{r['ipc']}/seed{r['seed']}"}
+    return row
 
 
 def cells_from_rows(rows: List[Dict[str, str]]) -> List[Dict[str, Any]]:
@@ -86,14 +105,17 @@ def markdown(rows: List[Dict[str, str]], cross: List[Dict[str, Any]]) -> str:
            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         diff = (f"{float(r['distilled_mean']) - float(r['full_noisy_last']):+.2f}" if r["full_noisy_last"] else "")
+        mark = "†" if r.get("full_noisy_from") else ""
         rnd = f"{r['random_subset_mean']} ± {r['random_subset_std']}" if r["random_subset_mean"] else ""
         out.append(f"| {r['method'].upper()} | {r['noise']} | {r['ipc']} | {100 * float(r['realised_rate']):.1f} % | "
                    f"**{r['distilled_mean']} ± {r['distilled_std']}** | {r['full_noisy_last']} / "
-                   f"{r['full_noisy_early_stop']} / {r['full_noisy_best_epoch']} | {rnd} | {diff} | "
+                   f"{r['full_noisy_early_stop']} / {r['full_noisy_best_epoch']}{mark} | {rnd} | {diff} | "
                    f"{r['cell_seconds']} s | {r['commit']} |")
     from ddfast.report import crossover_table
 
-    return "\n".join(out + ["", crossover_table(cross)])
+    foot = (["", "† the full noisy baseline of the same noisy labels, trained once in another method's cell "
+             "(named in the CSV's `full_noisy_from`)."] if any(r.get("full_noisy_from") for r in rows) else [])
+    return "\n".join(out + foot + ["", crossover_table(cross)])
 
 
 def main(argv=None) -> int:
@@ -104,12 +126,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join(HERE, "noise_study_fmnist.png"))
     a = p.parse_args(argv)
     with open(a.csv, newline="") as f:
-        rows = list(csv.DictReader(f))
+        rows = [{**r, "full_noisy_from": r.get("full_noisy_from") or ""} for r in csv.DictReader(f)]
     if a.add:
         if not a.commit:
             p.error("--add needs --commit (the commit the runs ran on)")
         key = lambda r: (r["method"], r["noise"], r["ipc"], r["seed"])  # noqa: E731
-        new = [row_from_run(d, a.commit) for d in a.add]
+        new = [borrow_full_noisy(row_from_run(d, a.commit), rows) for d in a.add]
         keys = {key(r) for r in new}
         rows = [r for r in rows if key(r) not in keys] + new
         tmp = a.csv + ".tmp"

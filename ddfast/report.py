@@ -777,7 +777,7 @@ def _tad_divert_sentence(tad: Dict[str, Any], method: Optional[str]) -> str:
     """What the experts / pool were trained on, and (``divert_pool="auto"``) why; empty for RCIG, whose pool
     trains on the synthetic set."""
     summ, cfg = tad.get("summary") or {}, tad.get("config") or {}
-    if "divert_pool" not in summ or method == "rcig":
+    if summ.get("divert_pool", "n/a") == "n/a" or method == "rcig":
         return ""
     what = {True: "the trusted view", False: "every image with its given label",
             "relabel": "every image with TAD's pseudo-labels",

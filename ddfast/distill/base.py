@@ -354,6 +354,9 @@ class Distiller:
     #: TAD's ``divert_pool="auto"`` diverts this method's networks (experts / pool) to the trusted view only when
     #: the estimated noise rate exceeds ``TADConfig.divert_noise_rate`` (:func:`ddfast.tad.resolve_divert_pool`).
     divert_pool_by_noise_rate = False
+    #: Whether the method trains networks (expert trajectories, a model pool) on real images, the part TAD's
+    #: ``divert_pool`` controls; ``False`` for RCIG, whose pool trains on the synthetic support set only.
+    trains_on_real_images = True
 
     def __init__(self, config: DistillConfig, *, device: str | torch.device = "cpu",
                  cache_dir: Optional[str] = None, quiet: bool = False):

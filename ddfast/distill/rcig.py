@@ -615,6 +615,7 @@ class RCIG(Distiller):
 
     name = "rcig"
     config_class = RCIGConfig
+    trains_on_real_images = False  # the pool trains on the support set: divert_pool does not apply
 
     def __init__(self, config: RCIGConfig, **kwargs):
         super().__init__(config, **kwargs)

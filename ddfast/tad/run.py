@@ -105,7 +105,8 @@ def run_tad(distiller: Distiller, train: TrainSet, config: Union[TADConfig, Dict
 
     Returns:
         :class:`TADResult`; its ``summary`` also holds ``divert_pool`` (the config's value resolved, see
-        :func:`resolve_divert_pool`) and ``noise_rate_estimate``. Each round dict holds (``None`` where not known):
+        :func:`resolve_divert_pool`; ``"n/a"`` for a distiller whose ``trains_on_real_images`` is False) and
+        ``noise_rate_estimate``. Each round dict holds (``None`` where not known):
         ``round``, ``n``, ``n_trusted_gmm`` (GMM partition), ``n_fallback`` (added by the per-class minimum),
         ``n_kept`` (trusted earlier, rejected by this round's GMM, kept by ``trust_update="grow"``),
         ``n_untrusted`` (the recall candidates), ``n_recalled``, ``n_relabelled`` (recalled with a label different
@@ -276,8 +277,8 @@ class _TADRun:
              "cleanlab_seconds": cl, "distill_seconds": self.t_distill}
         if state.noise_rate is not None:
             s["noise_rate_estimate"] = float(state.noise_rate)
-        if self.divert_pool is not None:
-            s["divert_pool"] = self.divert_pool
+        if self.divert_pool is not None:  # "n/a" for a method that trains no network on real images (RCIG)
+            s["divert_pool"] = self.divert_pool if getattr(self.d, "trains_on_real_images", True) else "n/a"
         for k in ("precision", "recall", "label_accuracy_after"):
             if last.get(k) is not None:
                 s[k] = last[k]

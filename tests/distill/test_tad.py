@@ -815,6 +815,7 @@ def test_tad_with_rcig(tmp_path):
                      eval_warmup_steps=5, eval_runs=1)
     d, res = _e2e("rcig", cfg, tmp_path)
     assert torch.equal(torch.sort(d._real_idx).values, torch.nonzero(res.state.trusted).flatten())
+    assert res.summary["divert_pool"] == "n/a"  # RCIG's pool trains on the support set, not on real images
 
 
 def test_run_tad_arguments():
