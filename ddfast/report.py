@@ -386,8 +386,10 @@ def plot_noise_study(cells: Sequence[Dict[str, Any]], path: str) -> Optional[str
         for name, pts in sorted(panels[key].items()):
             base = name in BASELINE_TITLES.values()
             xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-            ax.plot(xs, ys, marker="o" if not base else None, ms=4, lw=1.6 if not base else 1.1,
-                    ls="--" if base else "-", color=colors[name], label=name)
+            # a baseline measured at one rate only is a line of one point: draw it as a wide tick
+            marker, ms = ("o", 4) if not base else (("_", 14) if len(xs) == 1 else (None, 4))
+            ax.plot(xs, ys, marker=marker, ms=ms, lw=1.6 if not base else 1.1, ls="--" if base else "-",
+                    color=colors[name], label=name)
         ax.set_title(f"{key[0]} noise, IPC {key[1]}")
         ax.set_xlabel("noise rate")
         ax.set_ylabel("test accuracy (%)")
