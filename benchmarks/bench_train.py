@@ -14,9 +14,8 @@ depend on the pixel values). Rows go to ``benchmarks/results.csv``. Run::
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import os
+import statistics
 import sys
 import time
 from typing import Callable, Dict, List
@@ -92,8 +91,6 @@ def main(argv=None):
     ap.add_argument("--no-csv", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from ddfast import _extension
-
     _, _, _, data_name = _data(1)
     rows: List[dict] = []
     for which in args.which.split(","):
@@ -125,15 +122,8 @@ def main(argv=None):
             cfg = {"data": data_name, "threads": args.threads, "rounds": args.rounds, "loadavg_before": load0,
                    "loadavg_after": load1, "cpu_s": [round(v, 2) for v in cpu[k]],
                    "wall_s": [round(v, 2) for v in times[k]]}
-            rows.append({
-                "timestamp": _dt.datetime.now().isoformat(timespec="seconds"), "benchmark": which, "case": case,
-                "provider": k, "mode": "train", "dtype": "float32", "device": "cpu",
-                "device_name": harness.device_name(torch.device("cpu")), "threads": args.threads,
-                "median_ms": round(med[k] * 1e3, 1), "p20_ms": round(min(times[k]) * 1e3, 1),
-                "p80_ms": round(max(times[k]) * 1e3, 1), "speedup_vs_eager": round(med["plain"] / med[k], 3),
-                "gb_per_s": "", "copy_bw_share": "", "peak_mem_mib": "", "config": json.dumps(cfg, sort_keys=True),
-                "git_commit": harness.git_commit(), "torch": torch.__version__,
-                "ddfast_extension": _extension.has_extension()})
+            rows.append(harness.timed_row(which, case, k, "train", torch.device("cpu"), times[k],
+                                          statistics.median(times["plain"]), cfg, args.threads))
     if not args.no_csv and rows:
         harness.append_rows(rows)
 

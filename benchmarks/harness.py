@@ -160,6 +160,24 @@ def git_commit() -> str:
         return ""
 
 
+def timed_row(benchmark: str, case: str, provider: str, mode: str, device: torch.device, times_s: Sequence[float],
+              baseline_median_s: float, config: Dict[str, Any], threads: int, dtype: str = "float32") -> Dict[str, Any]:
+    """A ``results.csv`` row for a provider timed outside :func:`run_case` (whole loops, alternating scripts):
+    median and 20th / 80th percentiles of ``times_s`` (seconds) in milliseconds, ``speedup_vs_eager`` =
+    ``baseline_median_s`` / this median, and the machine, commit and build fields."""
+    from ddfast import _extension
+
+    q = sorted(times_s)
+    med = statistics.median(q)
+    return {"timestamp": _dt.datetime.now().isoformat(timespec="seconds"), "benchmark": benchmark, "case": case,
+            "provider": provider, "mode": mode, "dtype": dtype, "device": device.type,
+            "device_name": device_name(device), "threads": threads, "median_ms": round(med * 1e3, 2),
+            "p20_ms": round(q[int(0.2 * (len(q) - 1))] * 1e3, 2), "p80_ms": round(q[int(0.8 * (len(q) - 1))] * 1e3, 2),
+            "speedup_vs_eager": round(baseline_median_s / med, 3), "gb_per_s": "", "copy_bw_share": "",
+            "peak_mem_mib": "", "config": json.dumps(config, sort_keys=True), "git_commit": git_commit(),
+            "torch": torch.__version__, "ddfast_extension": _extension.has_extension()}
+
+
 def append_rows(rows: List[Dict[str, Any]], path: str = RESULTS_CSV):
     """Appends rows to the one results CSV (header written when the file is new)."""
     new = not os.path.exists(path)

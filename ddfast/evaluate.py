@@ -25,7 +25,7 @@ transformed images, as in MTT/DATM.
 Runs: with ``vmap=True`` the K runs are trained together as one stacked parameter tensor ``[K, P]`` with
 ``torch.func.vmap`` (:func:`ddfast.models.batched_forward`); SGD/Adam are element-wise so every run follows
 exactly its own trajectory (same seeds -> the same result as the loop up to float rounding). On the CPU the
-loop was measured faster (2-core machine, 28x28 ConvNet width 32/128, K=5, one SGD step: vmap 1.45-3.0x slower
+loop was measured faster (2-core machine, 28x28 fused ConvNet width 32/128, K=5, one SGD step: vmap 1.33-4.97x slower
 at 10 and 100 images per run and step -- vmapped convolutions become grouped convolutions;
 ``benchmarks/bench_baselines.py --vmap-check``, table in benchmarks/RESULTS.md), so
 ``vmap="auto"`` uses the loop on CPU. On CUDA, where small per-run batches are launch-bound
