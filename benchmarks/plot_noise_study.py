@@ -63,7 +63,18 @@ def row_from_run(run_dir: str, commit: str) -> Dict[str, str]:
             "full_noisy_early_stop": _f((ev.get("early_stop") or {}).get("mean")),
             "full_noisy_best_epoch": _f((ev.get("best_epoch") or {}).get("mean")),
             "random_subset_mean": _f(rs.get("mean")), "random_subset_std": _f(rs.get("std")),
-            "cell_seconds": f"{float(m.get('total_seconds', 0.0)):.0f}", "commit": commit, "full_noisy_from": ""}
+            "cell_seconds": f"{cell_seconds(m):.0f}", "commit": commit, "full_noisy_from": ""}
+
+
+def cell_seconds(m: Dict[str, Any]) -> float:
+    """A cell's wall time from its ``metrics.json``: ``total_seconds``, or, for a run resumed after an
+    interruption (``resumed``; its ``total_seconds`` counts only the last invocation), the sum of its top-level
+    stages' seconds (``distill``, ``evaluate``, ``baseline:*``, ...; sub-stages such as ``distill.prepare`` are
+    inside their stage), each measured in the invocation that ran it."""
+    stages = m.get("stages") or {}
+    if m.get("resumed") and stages:
+        return float(sum(v["seconds"] for k, v in stages.items() if "." not in k))
+    return float(m.get("total_seconds", 0.0))
 
 
 def borrow_full_noisy(row: Dict[str, str], rows: List[Dict[str, str]]) -> Dict[str, str]:
