@@ -44,6 +44,8 @@ def _f(x: Any) -> str:
 def row_from_run(run_dir: str, commit: str) -> Dict[str, str]:
     """One CSV row from a finished run directory (its ``metrics.json``). Raises ValueError when the run is not
     complete or has no distilled result."""
+    from ddfast.report import run_wall_seconds
+
     path = os.path.join(run_dir, "metrics.json")
     with open(path) as f:
         m = json.load(f)
@@ -63,18 +65,7 @@ def row_from_run(run_dir: str, commit: str) -> Dict[str, str]:
             "full_noisy_early_stop": _f((ev.get("early_stop") or {}).get("mean")),
             "full_noisy_best_epoch": _f((ev.get("best_epoch") or {}).get("mean")),
             "random_subset_mean": _f(rs.get("mean")), "random_subset_std": _f(rs.get("std")),
-            "cell_seconds": f"{cell_seconds(m):.0f}", "commit": commit, "full_noisy_from": ""}
-
-
-def cell_seconds(m: Dict[str, Any]) -> float:
-    """A cell's wall time from its ``metrics.json``: ``total_seconds``, or, for a run resumed after an
-    interruption (``resumed``; its ``total_seconds`` counts only the last invocation), the sum of its top-level
-    stages' seconds (``distill``, ``evaluate``, ``baseline:*``, ...; sub-stages such as ``distill.prepare`` are
-    inside their stage), each measured in the invocation that ran it."""
-    stages = m.get("stages") or {}
-    if m.get("resumed") and stages:
-        return float(sum(v["seconds"] for k, v in stages.items() if "." not in k))
-    return float(m.get("total_seconds", 0.0))
+            "cell_seconds": f"{run_wall_seconds(m) or 0.0:.0f}", "commit": commit, "full_noisy_from": ""}
 
 
 def borrow_full_noisy(row: Dict[str, str], rows: List[Dict[str, str]]) -> Dict[str, str]:

@@ -44,6 +44,7 @@ __all__ = [
     "BASELINE_TITLES",
     "baseline_title",
     "fmt_acc",
+    "run_wall_seconds",
 ]
 
 #: row titles of the results (metrics.json ``results`` keys)
@@ -463,6 +464,23 @@ def _mib(b: Optional[float]) -> str:
     return "—" if b is None else f"{b / 2 ** 20:.0f}"
 
 
+def run_wall_seconds(m: Dict[str, Any]) -> Optional[float]:
+    """Wall seconds a run took over all its invocations, from its ``metrics.json`` dict ``m``.
+
+    A run finished in one invocation: its ``total_seconds``. A resumed run (``m["resumed"]``; its
+    ``total_seconds`` counts only the last invocation): the sum of its top-level stages' ``seconds`` (``data``,
+    ``distill``, ``evaluate``, ``baseline:*``, ...), each recorded by the invocation that ran it; sub-stages such
+    as ``distill.prepare`` lie inside their stage and are not added again, and a stage taken from the cross-run
+    cache counts 0 s. The time between an interruption and the resume is not counted. None when ``m`` has
+    neither figure.
+    """
+    stages = m.get("stages") or {}
+    if m.get("resumed") and stages:
+        return float(sum(v.get("seconds") or 0.0 for k, v in stages.items() if "." not in k))
+    t = m.get("total_seconds")
+    return None if t is None else float(t)
+
+
 def _minutes(s: Optional[float]) -> str:
     if s is None:
         return "—"
@@ -582,8 +600,9 @@ def render_report(m: Dict[str, Any]) -> str:
     load = env.get("load_average_start")
     load_txt = f" (1-min load average {load[0]:.1f} at the start on {env.get('cpu_count')} cores)" if load else ""
     out.append(f"Preset `{cfg.get('preset')}`, seed {cfg.get('seed')}, device `{env.get('device')}`, "
-               f"total wall time {_minutes(m.get('total_seconds'))}{load_txt}"
-               + (", resumed from an earlier invocation" if m.get("resumed") else "") + ".")
+               + (f"total wall time {_minutes(run_wall_seconds(m))} over its invocations (the sum of its stages; "
+                  f"this invocation, which resumed an earlier one: {_minutes(m.get('total_seconds'))}){load_txt}"
+                  if m.get("resumed") else f"total wall time {_minutes(m.get('total_seconds'))}{load_txt}") + ".")
     out.append("")
 
     # results

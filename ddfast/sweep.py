@@ -205,7 +205,7 @@ def run_sweep(spec: Dict[str, Any], only: Optional[str] = None, dry_run: bool = 
     """
     from . import distributed as dd
     from .pipeline import run
-    from .report import crossover_rates, plot_noise_study, sweep_table
+    from .report import crossover_rates, plot_noise_study, run_wall_seconds, sweep_table
 
     cells = expand_cells(spec)
     if only:
@@ -252,7 +252,7 @@ def run_sweep(spec: Dict[str, Any], only: Optional[str] = None, dry_run: bool = 
             m = load_json(mp)
             table_cells.append({**e, "metrics": m})
             e["results"] = {k: {"mean": v.get("mean"), "std": v.get("std")} for k, v in m.get("results", {}).items()}
-            e["total_seconds"] = m.get("total_seconds")
+            e["total_seconds"] = run_wall_seconds(m)  # over all invocations when the cell was resumed
     md_path = os.path.join(out_root, "results.md")
     csv_path = os.path.join(out_root, "results.csv")
     md = ""

@@ -2,6 +2,7 @@
 scikit-learn's digits: outputs, metrics schema, exact resume after an interrupt, config checks, caches, sweeps."""
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from ddfast import pipeline, sweep
 from ddfast.pipeline import stages
 from ddfast.distill.base import SyntheticSet
 from ddfast.pipeline import RunConfig, RunConfigMismatch, UsageError
+from ddfast.report import run_wall_seconds
 
 _ddfast_fake.register()
 
@@ -234,16 +236,37 @@ def test_interrupt_after_distillation_keeps_finished_stages(tmp_path, monkeypatc
         calls["n"] += 1
         raise KeyboardInterrupt
 
+    real_eval = stages.evaluate_synthetic_set
+
+    def slow_eval(*a, **k):  # the first invocation's evaluation takes >= 3 s, which the second one does not redo
+        time.sleep(3.0)
+        return real_eval(*a, **k)
+
     monkeypatch.setattr(stages, "run_baseline", boom)
+    monkeypatch.setattr(stages, "evaluate_synthetic_set", slow_eval)
     with pytest.raises(KeyboardInterrupt):
         pipeline.run(cfg)
     assert (out / SyntheticSet.FILE_META).exists() and (out / "stages" / "evaluate.json").exists()
     assert not (out / "metrics.json").exists()
     monkeypatch.setattr(stages, "run_baseline", real)
     monkeypatch.setattr(stages, "_distill", lambda *a, **k: pytest.fail("distilled again"))
+    monkeypatch.setattr(stages, "evaluate_synthetic_set", lambda *a, **k: pytest.fail("evaluated again"))
     m = pipeline.run(cfg)
     assert m["stages"]["distill"]["resumed"] and m["stages"]["evaluate"]["resumed"]
     assert "random_subset" in m["results"]
+    # the run's wall time counts the first invocation's stages too; this invocation's total_seconds does not
+    assert m["stages"]["evaluate"]["seconds"] >= 3.0
+    this_invocation = sum(s["seconds"] for k, s in m["stages"].items() if "." not in k and not s.get("resumed"))
+    assert this_invocation <= m["total_seconds"]
+    assert run_wall_seconds(m) >= m["stages"]["evaluate"]["seconds"] + this_invocation
+    text = (out / "report.md").read_text()
+    assert f"total wall time {run_wall_seconds(m):.0f} s" in text and "over its invocations" in text
+
+
+def test_run_wall_seconds_of_a_run_in_one_invocation(finished):
+    _, m = finished
+    assert not m["resumed"] and run_wall_seconds(m) == m["total_seconds"]
+    assert sum(s["seconds"] for k, s in m["stages"].items() if "." not in k) <= m["total_seconds"]
 
 
 def test_baseline_results_are_cached_across_runs(tmp_path, monkeypatch):
