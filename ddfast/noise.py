@@ -40,6 +40,7 @@ __all__ = [
     "transition_matrix",
     "estimate_transition",
     "estimate_noise_rate",
+    "posterior_labels",
     "forward_corrected_cross_entropy",
     "symmetric_transition",
     "pair_transition",
@@ -321,6 +322,40 @@ def estimate_noise_rate(transition: torch.Tensor, prior: Optional[torch.Tensor] 
             raise ValueError(f"prior must be [{C}] non-negative shares summing to 1, got shape {tuple(p.shape)}, "
                              f"sum {float(p.sum()) if p.numel() else 0.0:.6g}")
     return float(min(1.0, max(0.0, 1.0 - float((p * T.diagonal()).sum()))))
+
+
+def posterior_labels(probs: torch.Tensor, labels: torch.Tensor, transition: torch.Tensor) -> torch.Tensor:
+    """The most probable true class of every sample given its image and its given label, by Bayes' rule under a
+    class-conditional noise transition: ``argmax_j P(true j | x, given y~) = argmax_j p_j(x) T[j, y~]``, with a
+    classifier's probabilities ``p(x)`` standing in for ``P(true j | x)`` (the latent-true-label posterior of
+    Xiao et al., CVPR 2015, "Learning from massive noisy labeled data for image classification", Sec. 3, with the
+    noise independent of the image given the true class). A label is changed only when the classifier's
+    preference for another class outweighs how rarely that class is flipped into the given one: under pair flips
+    (asymmetric noise) the flipped pairs are resolved by the image; under symmetric noise of rate r over C classes
+    a label moves to class j only when ``p_j / p_y~ > (1 - r) (C - 1) / r``.
+
+    Args:
+        probs: ``float [N, C]`` class probabilities (rows sum to 1), e.g. the softmax of TAD's scorer.
+        labels: ``int64 [N]`` given (noisy) labels in ``[0, C)``.
+        transition: ``float [C, C]`` ``T[i, j] = P(given label j | true class i)``, rows summing to 1
+            (:func:`estimate_transition` without clean labels).
+
+    Returns:
+        ``int64 [N]`` on the CPU; ties go to the lowest class index (``torch.argmax``).
+
+    Raises:
+        ValueError: shapes that do not match, labels outside ``[0, C)``.
+    """
+    C = int(probs.shape[1]) if probs.dim() == 2 else -1
+    if C < 1:
+        raise ValueError(f"probs must be [N, C], got {tuple(probs.shape)}")
+    y = _check_labels(labels, C)
+    if probs.shape[0] != y.shape[0]:
+        raise ValueError(f"probs must be [{y.shape[0]}, C] like labels, got {tuple(probs.shape)}")
+    T = torch.as_tensor(transition).detach().double().cpu()
+    if T.shape != (C, C):
+        raise ValueError(f"transition must be [{C}, {C}] like probs' classes, got {tuple(T.shape)}")
+    return (probs.detach().double().cpu() * T[:, y].T).argmax(1)
 
 
 def forward_corrected_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, transition: torch.Tensor,

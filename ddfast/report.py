@@ -802,7 +802,9 @@ def _tad_divert_sentence(tad: Dict[str, Any], method: Optional[str]) -> str:
         return ""
     what = {True: "the trusted view", False: "every image with its given label",
             "relabel": "every image with TAD's pseudo-labels",
-            "corrected": "every image with forward loss correction"}.get(summ["divert_pool"], str(summ["divert_pool"]))
+            "corrected": "every image with forward loss correction",
+            "posterior": "every image labelled with its most probable true class given image and label"}.get(
+                summ["divert_pool"], str(summ["divert_pool"]))
     text = f"Expert trajectories / model pool trained on {what}"
     rate = summ.get("noise_rate_estimate")
     if cfg.get("divert_pool") == "auto" and rate is not None:

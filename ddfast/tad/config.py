@@ -122,8 +122,12 @@ class TADConfig(Config):
             (:func:`ddfast.noise.estimate_transition`): no hard-but-clean image is dropped and the flipped labels
             are accounted for instead of removed. Measured with DATM (same setting, current quick preset, seed 0):
             75.33 % against 77.81 % for base DATM -- the corrected experts cost Dress, Shirt and Pullover 8-13
-            points (benchmarks/RESULTS.md, "TAD variants for DATM"). RCIG's pool trains on the synthetic set
-            only, so for RCIG every value of ``divert_pool`` is the same. ``"auto"`` (the default) [ddfast]:
+            points (benchmarks/RESULTS.md, "TAD variants for DATM"). ``"posterior"`` [ddfast]: every sample,
+            labelled with its most probable true class given its image (the scorer's probabilities) and its given
+            label under the estimated transition (:func:`ddfast.noise.posterior_labels`, Bayes' rule as in Xiao
+            et al., CVPR 2015): pair flips are resolved by the image, no sample is dropped (measured:
+            benchmarks/RESULTS.md, "TAD variants for DATM"). RCIG's pool trains on the synthetic set only, so
+            for RCIG every value of ``divert_pool`` is the same. ``"auto"`` (the default) [ddfast]:
             ``True`` for a model pool (DANCE: measured gains at every noise kind), and for expert trajectories
             (DATM, whose synthetic set learns whatever the experts cover) ``True`` only when the noise rate TAD
             estimates (``TrustState.noise_rate``, :func:`ddfast.noise.estimate_noise_rate`) exceeds
@@ -180,7 +184,7 @@ class TADConfig(Config):
     require_agreement: bool = option(True)
     recall_ratio: float = option(0.7, gt=0, le=1)
     min_trusted_per_class: int = option(1, ge=0)
-    divert_pool: Union[bool, str] = option("auto", choices=("auto", True, False, "relabel", "corrected"))
+    divert_pool: Union[bool, str] = option("auto", choices=("auto", True, False, "relabel", "corrected", "posterior"))
     divert_noise_rate: float = option(0.5, ge=0, le=1)
     transition_quantile: float = option(0.1, gt=0, le=1)
     divert_init: bool = option(True)

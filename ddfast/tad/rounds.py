@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from ..distill.base import TrainSet
 from ..io import load_tensors, save_tensors
-from ..noise import estimate_noise_rate, estimate_transition, transition_matrix
+from ..noise import estimate_noise_rate, estimate_transition, posterior_labels, transition_matrix
 from ..ops import sample_stats
 from .config import TADConfig
 from .partition import cleanlab_detector, partition, partition_metrics, recall
@@ -35,6 +35,10 @@ from .scorer import TrustScorer, kfold_pred_probs, tad_seed
 __all__ = ["TrustState", "RoundStore", "run_round", "diverted_view"]
 
 _STATE_FORMAT = "ddfast.TADRound/1"
+
+#: the string values of ``divert_pool`` / ``diverted_view``'s ``divert`` besides True / False ("auto" is resolved
+#: before a view is built, :func:`ddfast.tad.resolve_divert_pool`)
+DIVERT_VIEWS = ("relabel", "corrected", "posterior")
 
 
 @dataclass
@@ -57,6 +61,10 @@ class TrustState:
         noise_rate: the estimated share of wrong given labels, ``1 - sum_i prior_i T[i, i]`` with the scorer's
             predicted class shares as the prior (:func:`ddfast.noise.estimate_noise_rate`); it decides
             ``divert_pool="auto"``. None in checkpoints written before it existed.
+        posterior: ``int64 [N]`` -- every sample's most probable true class given its image and its *given* label
+            under ``transition``, with the scorer's probabilities as the image's evidence
+            (:func:`ddfast.noise.posterior_labels`); what ``divert_pool="posterior"`` trains on. None in
+            checkpoints written before it existed.
     """
 
     round: int
@@ -68,6 +76,7 @@ class TrustState:
     gmm: Dict[str, torch.Tensor] = field(default_factory=dict)
     transition: Optional[torch.Tensor] = None
     noise_rate: Optional[float] = None
+    posterior: Optional[torch.Tensor] = None
 
     def effective_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """``int64 [N]``: ``labels`` with the pseudo-labels applied."""
@@ -280,8 +289,10 @@ def run_round(ctx: RoundContext, r: int, prev: Optional[TrustState]) -> Tuple[Tr
     secs["cleanlab"] = time.perf_counter() - t0
     secs["total"] = secs["scorer"] + secs["score"] + secs["gmm"] + secs["recall"]
     diag["seconds"] = secs
-    transition = estimate_transition(torch.softmax(logits.double(), 1), train.labels, ctx.num_classes,
-                                     cfg.transition_quantile)
+    probs = torch.softmax(logits.double(), 1)
+    transition = estimate_transition(probs, train.labels, ctx.num_classes, cfg.transition_quantile)
+    posterior = posterior_labels(probs, train.labels, transition)
+    diag["n_posterior_changed"] = int((posterior != train.labels.cpu()).sum())
     diag["transition_diagonal"] = [round(float(v), 4) for v in transition.diagonal()]
     prior = torch.bincount(pred.long().cpu(), minlength=ctx.num_classes).double() / max(1, pred.numel())
     noise_rate = estimate_noise_rate(transition, prior)
@@ -290,9 +301,11 @@ def run_round(ctx: RoundContext, r: int, prev: Optional[TrustState]) -> Tuple[Tr
         true_t = transition_matrix(ctx.clean, train.labels, ctx.num_classes)
         diag["transition_error"] = float((transition - true_t).abs().sum(1).max())
         diag["noise_rate_realised"] = float((train.labels.cpu() != ctx.clean).double().mean())
+        diag["posterior_label_accuracy"] = float((posterior == ctx.clean).double().mean())
     gmm = {"weights": fit.weights.float(), "means": fit.means.float(), "variances": fit.variances.float()}
     state = TrustState(round=r, trusted=sp.trusted, replacement=sp.replacement, weights=sp.weights, ema=ema,
-                       ema_labels=labels.clone(), gmm=gmm, transition=transition, noise_rate=noise_rate)
+                       ema_labels=labels.clone(), gmm=gmm, transition=transition, noise_rate=noise_rate,
+                       posterior=posterior)
     return state, diag
 
 
@@ -318,6 +331,8 @@ class RoundStore:
             tensors["transition"] = state.transition
         if state.noise_rate is not None:
             tensors["noise_rate"] = torch.tensor(float(state.noise_rate), dtype=torch.float64)
+        if state.posterior is not None:
+            tensors["posterior"] = state.posterior
         for k, v in state.gmm.items():
             tensors[f"gmm.{k}"] = v
         for k, v in model.state_dict().items():
@@ -362,7 +377,8 @@ class RoundStore:
                            weights=tensors["weights"].float(), ema=tensors["ema"].float(),
                            ema_labels=tensors["ema_labels"].long(), gmm=gmm,
                            transition=tensors["transition"].double() if "transition" in tensors else None,
-                           noise_rate=float(tensors["noise_rate"]) if "noise_rate" in tensors else None)
+                           noise_rate=float(tensors["noise_rate"]) if "noise_rate" in tensors else None,
+                           posterior=tensors["posterior"].long() if "posterior" in tensors else None)
         return state, list(meta.get("diagnostics", []))
 
 
@@ -379,11 +395,15 @@ def diverted_view(train: TrainSet, state: Optional[TrustState], divert: Union[bo
       state.replacement`` -- the noisy set with TAD's pseudo-labels applied;
     - ``divert="corrected"`` and a state: every sample with its given label and ``transition =
       state.transition`` -- networks trained on it use forward loss correction;
+    - ``divert="posterior"`` and a state: every sample (no mask, no weights), each with its most probable true
+      class given its image and given label (``state.posterior``) as ``replacement_labels`` where that differs
+      from the given label;
     - otherwise the plain noisy set (trust fields cleared).
 
-    Raises ``ValueError`` for any other ``divert``, or ``"corrected"`` with a state that has no transition."""
-    if not (isinstance(divert, bool) or divert in ("relabel", "corrected")):
-        raise ValueError(f"divert must be True, False, 'relabel' or 'corrected', got {divert!r}")
+    Raises ``ValueError`` for any other ``divert``, or ``"corrected"`` / ``"posterior"`` with a state that has no
+    transition / posterior labels (a checkpoint of an older ddfast)."""
+    if not (isinstance(divert, bool) or divert in DIVERT_VIEWS):
+        raise ValueError(f"divert must be True, False or one of {DIVERT_VIEWS}, got {divert!r}")
     plain = dict(weights=None, trusted_mask=None, replacement_labels=None, transition=None)
     if not divert or state is None:
         return dataclasses.replace(train, **plain)
@@ -394,5 +414,12 @@ def diverted_view(train: TrainSet, state: Optional[TrustState], divert: Union[bo
             raise ValueError("divert='corrected' needs the round's noise transition, which this TAD checkpoint "
                              "(written by an older ddfast) lacks; rerun TAD in a new checkpoint directory")
         return dataclasses.replace(train, **{**plain, "transition": state.transition.clone()})
+    if divert == "posterior":
+        if state.posterior is None:
+            raise ValueError("divert='posterior' needs the round's posterior labels, which this TAD checkpoint "
+                             "(written by an older ddfast) lacks; rerun TAD in a new checkpoint directory")
+        changed = state.posterior != train.labels.cpu()
+        return dataclasses.replace(train, **{**plain, "replacement_labels": torch.where(
+            changed, state.posterior, torch.full_like(state.posterior, -1))})
     return dataclasses.replace(train, trusted_mask=state.trusted.clone(), replacement_labels=state.replacement.clone(),
                                weights=state.weights.clone() if pass_weights else None, transition=None)

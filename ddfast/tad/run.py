@@ -114,11 +114,12 @@ def run_tad(distiller: Distiller, train: TrainSet, config: Union[TADConfig, Dict
         Ledoit-Wolf intensity used), ``scorer_agreement`` (f's predictions == current labels),
         ``trusted_per_class``, ``transition_diagonal`` (the estimated noise transition's diagonal),
         ``noise_rate_estimate`` (the estimated share of wrong given labels, which decides
-        ``divert_pool="auto"``), ``seconds`` (dict of wall seconds: scorer, score, gmm, recall, cleanlab, total --
+        ``divert_pool="auto"``), ``n_posterior_changed`` (samples whose posterior label, ``divert_pool="posterior"``,
+        differs from the given one), ``seconds`` (dict of wall seconds: scorer, score, gmm, recall, cleanlab, total --
         total excludes cleanlab -- and cpu: the process CPU seconds of scorer..recall, a load-independent cost
         measure on a shared machine) and, with clean labels: ``label_accuracy`` (current labels before the
         round's recall vs truth), ``label_accuracy_after``, ``scorer_accuracy`` (f's predictions vs truth),
-        ``noise_rate_realised``, ``transition_error`` (largest L1 row error of the estimated transition),
+        ``noise_rate_realised``, ``posterior_label_accuracy`` (the posterior labels vs truth), ``transition_error`` (largest L1 row error of the estimated transition),
         ``scorer_noisy_fit`` (share of the wrongly labelled samples whose wrong label f predicts: memorisation;
         low = f's predictions are near out-of-sample), ``gmm_precision``/``gmm_recall`` (the GMM partition as a
         detector of correctly-labelled samples), ``precision``/``recall`` (the trusted set after recall, same

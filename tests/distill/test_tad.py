@@ -530,7 +530,7 @@ def test_resolve_divert_pool_rule():
     _, res = _tiny_run(consistency_lambda=0.0, rounds=1)
     st = res.state
     by_rate, pool = _ByRate(TinyConfig(), quiet=True), Tiny(TinyConfig(), quiet=True)
-    for explicit in (True, False, "relabel", "corrected"):
+    for explicit in (True, False, "relabel", "corrected", "posterior"):
         assert resolve_divert_pool(explicit, by_rate, st, 0.5) == explicit
     assert resolve_divert_pool("auto", pool, dataclasses.replace(st, noise_rate=0.1)) is True
     assert resolve_divert_pool("auto", by_rate, dataclasses.replace(st, noise_rate=0.51), 0.5) is True
@@ -603,6 +603,32 @@ def test_corrected_pool_sees_every_sample_with_the_estimated_transition():
     with pytest.raises(ValueError, match="transition"):
         diverted_view(ts, old, "corrected")
     assert diverted_view(ts, old, True).transition is None
+
+
+def test_posterior_pool_sees_every_sample_with_its_posterior_label(tmp_path):
+    from ddfast.noise import posterior_labels
+
+    d, res = _tiny_run(tmp_path, consistency_lambda=0.0, divert_pool="posterior")
+    ts, nl = noisy_data("digits", "sym:0.4")
+    post = res.state.posterior
+    changed = int((post != ts.labels).sum())
+    assert changed > 0
+    (pool,) = d.seen["prepare"]
+    # every sample, its posterior label where it differs; the other parts still see the trusted view
+    assert pool == {"n": 1437, "masked": False, "weights": False, "relabelled": changed, "transition": False}
+    assert all(s["masked"] for s in d.seen["step"] + d.seen["initialize"])
+    last = res.rounds[-1]
+    assert last["n_posterior_changed"] == changed
+    assert last["posterior_label_accuracy"] == pytest.approx(float((post == nl.clean_labels).double().mean()))
+    # stored with the round: Bayes' rule on that round's scorer and transition estimate
+    t, logits = _round_losses(tmp_path, FAST_TAD["rounds"] - 1, ts)
+    assert torch.equal(t["posterior"], post)
+    assert torch.equal(posterior_labels(torch.softmax(logits.double(), 1), ts.labels, t["transition"]), post)
+    view = diverted_view(ts, res.state, "posterior")
+    assert torch.equal(view.effective_labels(), post) and view.trusted_mask is None and view.weights is None
+    old = dataclasses.replace(res.state, posterior=None)  # a round checkpoint from before the posterior existed
+    with pytest.raises(ValueError, match="posterior"):
+        diverted_view(ts, old, "posterior")
 
 
 def test_pass_weights_switch():

@@ -8,7 +8,7 @@ import torch
 
 from ddfast.noise import (ASYM_MAPPINGS, CIFAR100_SUPERCLASSES, NoiseSpec, corrupt_labels, estimate_noise_rate,
                           estimate_transition,
-                          forward_corrected_cross_entropy, get_mapping, pair_transition, parse_noise_spec,
+                          forward_corrected_cross_entropy, posterior_labels, get_mapping, pair_transition, parse_noise_spec,
                           symmetric_transition, transition_matrix)
 
 
@@ -305,3 +305,57 @@ def test_estimate_noise_rate_uniform_prior_and_errors():
         estimate_noise_rate(torch.eye(3), torch.tensor([0.5, 0.6, 0.1]))
     with pytest.raises(ValueError, match="prior"):
         estimate_noise_rate(torch.eye(3), torch.tensor([1.2, -0.1, -0.1]))
+
+
+def _slow_posterior(p, y, T):
+    """argmax_j of the normalised posterior P(true j | x, given y) = p_j T[j, y] / sum_k p_k T[k, y], one sample
+    at a time in Python floats."""
+    out = []
+    for i in range(y.numel()):
+        w = [float(p[i, j]) * float(T[j, int(y[i])]) for j in range(p.shape[1])]
+        z = sum(w)
+        post = [v / z for v in w]
+        out.append(max(range(len(post)), key=lambda j: post[j]))
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_posterior_labels_against_a_loop(dtype):
+    g = torch.Generator().manual_seed(0)
+    C = 5
+    p = torch.softmax(torch.randn(300, C, generator=g, dtype=torch.float64) * 2, 1)
+    y = torch.randint(0, C, (300,), generator=g)
+    T = torch.rand(C, C, generator=g, dtype=torch.float64) + torch.eye(C, dtype=torch.float64) * 2
+    T = T / T.sum(1, keepdim=True)
+    got = posterior_labels(p.to(dtype), y, T)
+    assert got.dtype == torch.int64 and got.shape == (300,)
+    assert torch.equal(got, _slow_posterior(p, y, T))
+    assert 0 < int((got != y).sum()) < 300
+    # no noise: every given label stands
+    assert torch.equal(posterior_labels(p, y, torch.eye(C, dtype=torch.float64)), y)
+
+
+def test_posterior_labels_resolve_pair_flips_and_respect_the_symmetric_threshold():
+    T = pair_transition(4, 0.4, {0: 1})  # 40 % of class 0 labelled 1
+    p = torch.tensor([[0.9, 0.1, 0.0, 0.0],   # looks like 0, labelled 1: a flipped 0
+                      [0.2, 0.8, 0.0, 0.0],   # looks like 1, labelled 1: stays
+                      [0.1, 0.9, 0.0, 0.0]], dtype=torch.float64)  # labelled 0: class 1 is never flipped to 0
+    assert posterior_labels(p, torch.tensor([1, 1, 0]), T).tolist() == [0, 1, 0]
+    # symmetric noise, r = 0.4, C = 5: the label moves only when p_j / p_y > (1 - r) (C - 1) / r = 6
+    S = symmetric_transition(5, 0.4)
+    for ratio, moves in ((5.9, False), (6.1, True)):
+        q = torch.tensor([[ratio, 1.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+        assert posterior_labels(q / q.sum(), torch.tensor([1]), S).item() == (0 if moves else 1)
+
+
+def test_posterior_labels_errors():
+    p = torch.full((4, 3), 1 / 3)
+    T = torch.eye(3)
+    with pytest.raises(ValueError, match="transition"):
+        posterior_labels(p, torch.tensor([0, 1, 2, 0]), torch.eye(4))
+    with pytest.raises(ValueError, match="like labels"):
+        posterior_labels(p, torch.tensor([0, 1, 2]), T)
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        posterior_labels(p, torch.tensor([0, 1, 2, 3]), T)
+    with pytest.raises(ValueError, match="probs"):
+        posterior_labels(torch.ones(4), torch.tensor([0, 1, 2, 0]), T)
