@@ -324,7 +324,8 @@ def estimate_noise_rate(transition: torch.Tensor, prior: Optional[torch.Tensor] 
     return float(min(1.0, max(0.0, 1.0 - float((p * T.diagonal()).sum()))))
 
 
-def posterior_labels(probs: torch.Tensor, labels: torch.Tensor, transition: torch.Tensor) -> torch.Tensor:
+def posterior_labels(probs: torch.Tensor, labels: torch.Tensor, transition: torch.Tensor,
+                     class_prior: Optional[torch.Tensor] = None, iterations: int = 50) -> torch.Tensor:
     """The most probable true class of every sample given its image and its given label, by Bayes' rule under a
     class-conditional noise transition: ``argmax_j P(true j | x, given y~) = argmax_j p_j(x) T[j, y~]``, with a
     classifier's probabilities ``p(x)`` standing in for ``P(true j | x)`` (the latent-true-label posterior of
@@ -334,17 +335,30 @@ def posterior_labels(probs: torch.Tensor, labels: torch.Tensor, transition: torc
     (asymmetric noise) the flipped pairs are resolved by the image; under symmetric noise of rate r over C classes
     a label moves to class j only when ``p_j / p_y~ > (1 - r) (C - 1) / r``.
 
+    A classifier trained on the noisy labels that cannot tell two swapped classes apart tilts slightly towards
+    one of them, and the rule then moves most of the other class into it (measured on Fashion-MNIST under pair
+    swaps: 89 % of the T-shirts became Shirts). With ``class_prior`` the posterior is class-balanced: per-class
+    weights ``w`` are fitted (``iterations`` Sinkhorn-Knopp rescalings, as for the equipartitioned pseudo-labels
+    of Asano et al., ICLR 2020, "Self-labelling via simultaneous clustering and representation learning") so that the normalised posteriors ``p_j T[j, y~] w_j`` of all samples sum to
+    ``N * class_prior_j`` per class; then the argmax is taken. Each class keeps about its share, and within a
+    pair the samples with the strongest evidence move.
+
     Args:
         probs: ``float [N, C]`` class probabilities (rows sum to 1), e.g. the softmax of TAD's scorer.
         labels: ``int64 [N]`` given (noisy) labels in ``[0, C)``.
         transition: ``float [C, C]`` ``T[i, j] = P(given label j | true class i)``, rows summing to 1
             (:func:`estimate_transition` without clean labels).
+        class_prior: optional ``float [C]`` true-class shares (non-negative, summing to 1) the labels should
+            keep, e.g. the given labels' shares (class-conditional noise that swaps classes of equal size keeps
+            them). None = no balancing.
+        iterations: rescalings of the balancing (>= 1).
 
     Returns:
         ``int64 [N]`` on the CPU; ties go to the lowest class index (``torch.argmax``).
 
     Raises:
-        ValueError: shapes that do not match, labels outside ``[0, C)``.
+        ValueError: shapes that do not match, labels outside ``[0, C)``, a ``class_prior`` that is not ``C``
+            non-negative shares summing to 1, ``iterations < 1``.
     """
     C = int(probs.shape[1]) if probs.dim() == 2 else -1
     if C < 1:
@@ -355,7 +369,23 @@ def posterior_labels(probs: torch.Tensor, labels: torch.Tensor, transition: torc
     T = torch.as_tensor(transition).detach().double().cpu()
     if T.shape != (C, C):
         raise ValueError(f"transition must be [{C}, {C}] like probs' classes, got {tuple(T.shape)}")
-    return (probs.detach().double().cpu() * T[:, y].T).argmax(1)
+    post = probs.detach().double().cpu() * T[:, y].T
+    if class_prior is None:
+        return post.argmax(1)
+    pi = torch.as_tensor(class_prior).detach().double().cpu()
+    if pi.shape != (C,) or bool((pi < 0).any()) or abs(float(pi.sum()) - 1.0) > 1e-6:
+        raise ValueError(f"class_prior must be [{C}] non-negative shares summing to 1, got shape "
+                         f"{tuple(pi.shape)}")
+    if int(iterations) < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations}")
+    post = post / post.sum(1, keepdim=True).clamp_min(1e-300)
+    target = pi * post.shape[0]
+    w = torch.ones(C, dtype=torch.float64)
+    for _ in range(int(iterations)):
+        q = post * w
+        q = q / q.sum(1, keepdim=True).clamp_min(1e-300)
+        w = w * target / q.sum(0).clamp_min(1e-300)
+    return (post * w).argmax(1)
 
 
 def forward_corrected_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, transition: torch.Tensor,

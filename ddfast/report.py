@@ -757,8 +757,8 @@ def render_report(m: Dict[str, Any]) -> str:
 
 
 _TAD_PREFERRED = ("n_trusted", "trusted_fraction", "noise_rate_estimate", "precision", "recall", "n_recalled",
-                  "pseudo_label_accuracy", "label_accuracy_after", "cleanlab_precision", "cleanlab_recall", "scorer_accuracy",
-                  "start_iteration", "end_iteration", "seconds")
+                  "pseudo_label_accuracy", "label_accuracy_after", "posterior_label_accuracy", "cleanlab_precision",
+                  "cleanlab_recall", "scorer_accuracy", "start_iteration", "end_iteration", "seconds")
 
 
 def _tad_per_class(last: Dict[str, Any], classes: Sequence[str]) -> str:

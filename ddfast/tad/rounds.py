@@ -62,8 +62,8 @@ class TrustState:
             predicted class shares as the prior (:func:`ddfast.noise.estimate_noise_rate`); it decides
             ``divert_pool="auto"``. None in checkpoints written before it existed.
         posterior: ``int64 [N]`` -- every sample's most probable true class given its image and its *given* label
-            under ``transition``, with the scorer's probabilities as the image's evidence
-            (:func:`ddfast.noise.posterior_labels`); what ``divert_pool="posterior"`` trains on. None in
+            under ``transition``, with the scorer's probabilities as the image's evidence, class-balanced to the
+            given labels' shares when ``TADConfig.posterior_balance`` (:func:`ddfast.noise.posterior_labels`); what ``divert_pool="posterior"`` trains on. None in
             checkpoints written before it existed.
     """
 
@@ -291,7 +291,10 @@ def run_round(ctx: RoundContext, r: int, prev: Optional[TrustState]) -> Tuple[Tr
     diag["seconds"] = secs
     probs = torch.softmax(logits.double(), 1)
     transition = estimate_transition(probs, train.labels, ctx.num_classes, cfg.transition_quantile)
-    posterior = posterior_labels(probs, train.labels, transition)
+    shares = None
+    if cfg.posterior_balance:  # keep the given labels' class shares (TADConfig.posterior_balance)
+        shares = torch.bincount(train.labels.cpu(), minlength=ctx.num_classes).double() / train.labels.numel()
+    posterior = posterior_labels(probs, train.labels, transition, class_prior=shares)
     diag["n_posterior_changed"] = int((posterior != train.labels.cpu()).sum())
     diag["transition_diagonal"] = [round(float(v), 4) for v in transition.diagonal()]
     prior = torch.bincount(pred.long().cpu(), minlength=ctx.num_classes).double() / max(1, pred.numel())
