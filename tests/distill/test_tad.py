@@ -620,10 +620,13 @@ def test_posterior_pool_sees_every_sample_with_its_posterior_label(tmp_path):
     last = res.rounds[-1]
     assert last["n_posterior_changed"] == changed
     assert last["posterior_label_accuracy"] == pytest.approx(float((post == nl.clean_labels).double().mean()))
-    # stored with the round: Bayes' rule on that round's scorer and transition estimate
+    # stored with the round: Bayes' rule on that round's scorer and transition estimate, balanced to the given
+    # labels' class shares (posterior_balance, the default)
     t, logits = _round_losses(tmp_path, FAST_TAD["rounds"] - 1, ts)
     assert torch.equal(t["posterior"], post)
-    assert torch.equal(posterior_labels(torch.softmax(logits.double(), 1), ts.labels, t["transition"]), post)
+    shares = torch.bincount(ts.labels, minlength=10).double() / ts.labels.numel()
+    assert torch.equal(posterior_labels(torch.softmax(logits.double(), 1), ts.labels, t["transition"],
+                                        class_prior=shares), post)
     view = diverted_view(ts, res.state, "posterior")
     assert torch.equal(view.effective_labels(), post) and view.trusted_mask is None and view.weights is None
     old = dataclasses.replace(res.state, posterior=None)  # a round checkpoint from before the posterior existed

@@ -348,6 +348,35 @@ def test_posterior_labels_resolve_pair_flips_and_respect_the_symmetric_threshold
         assert posterior_labels(q / q.sum(), torch.tensor([1]), S).item() == (0 if moves else 1)
 
 
+def test_balanced_posterior_keeps_the_class_shares_and_moves_the_strongest_evidence():
+    """Two swapped classes a classifier cannot tell apart, its probabilities tilted towards class 1: the plain
+    posterior moves every sample labelled 0 into class 1; balanced to the given shares, each class keeps half,
+    and the samples moved to class 0 are those with the largest p_0 / p_1."""
+    g = torch.Generator().manual_seed(0)
+    n = 400
+    T = pair_transition(2, 0.4, {0: 1, 1: 0})
+    p0 = 0.25 + 0.1 * torch.rand(n, generator=g, dtype=torch.float64)  # p_0 in [0.25, 0.35]: 0.6 p_0 < 0.4 p_1
+    p = torch.stack([p0, 1 - p0], 1)
+    y = torch.arange(n) % 2
+    plain = posterior_labels(p, y, T)
+    assert int((plain == 0).sum()) == 0
+    shares = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    bal = posterior_labels(p, y, T, class_prior=shares)
+    assert abs(int((bal == 0).sum()) - n // 2) <= 4
+    # within each given label, class 0 goes to the samples with the strongest evidence for it
+    for lab in (0, 1):
+        idx = torch.nonzero(y == lab).flatten()
+        moved = bal[idx] == 0
+        if bool(moved.any()) and bool((~moved).any()):
+            assert float(p0[idx][moved].min()) >= float(p0[idx][~moved].max())
+    # shares the plain posterior already meets are left alone
+    q = torch.softmax(torch.randn(300, 3, generator=g, dtype=torch.float64) * 4, 1)
+    yy = q.argmax(1)
+    eye = torch.eye(3, dtype=torch.float64)
+    sh = torch.bincount(yy, minlength=3).double() / 300
+    assert torch.equal(posterior_labels(q, yy, eye, class_prior=sh), yy)
+
+
 def test_posterior_labels_errors():
     p = torch.full((4, 3), 1 / 3)
     T = torch.eye(3)
@@ -359,3 +388,9 @@ def test_posterior_labels_errors():
         posterior_labels(p, torch.tensor([0, 1, 2, 3]), T)
     with pytest.raises(ValueError, match="probs"):
         posterior_labels(torch.ones(4), torch.tensor([0, 1, 2, 0]), T)
+    y = torch.tensor([0, 1, 2, 0])
+    for bad in (torch.tensor([0.5, 0.5]), torch.tensor([0.5, 0.6, -0.1]), torch.tensor([0.2, 0.2, 0.2])):
+        with pytest.raises(ValueError, match="class_prior"):
+            posterior_labels(p, y, T, class_prior=bad)
+    with pytest.raises(ValueError, match="iterations"):
+        posterior_labels(p, y, T, class_prior=torch.full((3,), 1 / 3), iterations=0)
