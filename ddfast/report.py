@@ -795,22 +795,25 @@ def _tad_per_class(last: Dict[str, Any], classes: Sequence[str]) -> str:
 
 
 def _tad_divert_sentence(tad: Dict[str, Any], method: Optional[str]) -> str:
-    """What the experts / pool were trained on, and (``divert_pool="auto"``) why; empty for RCIG, whose pool
-    trains on the synthetic set."""
+    """What the experts / pool were trained on (empty for RCIG, whose pool trains on the synthetic set) and
+    (``divert_pool="auto"``) why, then where the real batches came from when that is not the trusted view."""
     summ, cfg = tad.get("summary") or {}, tad.get("config") or {}
-    if summ.get("divert_pool", "n/a") == "n/a" or method == "rcig":
-        return ""
     what = {True: "the trusted view", False: "every image with its given label",
             "relabel": "every image with TAD's pseudo-labels",
             "corrected": "every image with forward loss correction",
-            "posterior": "every image labelled with its most probable true class given image and label"}.get(
-                summ["divert_pool"], str(summ["divert_pool"]))
-    text = f"Expert trajectories / model pool trained on {what}"
-    rate = summ.get("noise_rate_estimate")
-    if cfg.get("divert_pool") == "auto" and rate is not None:
-        text += (f" (`divert_pool=\"auto\"`: estimated noise rate {rate:.3f}, threshold "
-                 f"{float(cfg.get('divert_noise_rate', 0.5)):.2f} for DATM's experts; pools are always diverted)")
-    return text + "."
+            "posterior": "every image with its posterior label (most probable true class given image and given label)"}
+    text = ""
+    if summ.get("divert_pool", "n/a") != "n/a" and method != "rcig":
+        text = f"Expert trajectories / model pool trained on {what.get(summ['divert_pool'], str(summ['divert_pool']))}"
+        rate = summ.get("noise_rate_estimate")
+        if cfg.get("divert_pool") == "auto" and rate is not None:
+            text += (f" (`divert_pool=\"auto\"`: estimated noise rate {rate:.3f}, threshold "
+                     f"{float(cfg.get('divert_noise_rate', 0.5)):.2f} for DATM's experts; pools are always diverted)")
+        text += "."
+    real = cfg.get("divert_real", True)
+    if real is not True and real in what:
+        text += (" " if text else "") + f"Real batches / per-class statistics drawn from {what[real]}."
+    return text
 
 
 def _tad_columns(rounds: Sequence[Dict[str, Any]]) -> List[str]:

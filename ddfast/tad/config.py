@@ -147,7 +147,11 @@ class TADConfig(Config):
         transition_quantile: share in (0, 1] of the samples f assigns to a class, most confident first, used as
             that class's anchors when the transition is estimated (``"corrected"``). Default 0.1.
         divert_init: synthetic images (and DATM's label logits) initialised from the trusted view.
-        divert_real: real batches / per-class statistics of distillation steps from the trusted view.
+        divert_real: real batches / per-class statistics of distillation steps from the trusted view
+            (``True``), from the plain noisy set (``False``), or from every sample with TAD's labels: its
+            pseudo-labels (``"relabel"``) or the posterior labels (``"posterior"``, see ``divert_pool``). For RCIG,
+            whose outer loss is the only place real labels enter, ``"posterior"`` is how the posterior labels
+            reach it.
         pass_weights: hand the GMM posteriors (1 for recalled samples) to the distiller as ``weights``.
             All default True.
 
@@ -196,7 +200,7 @@ class TADConfig(Config):
     posterior_balance: bool = option(True)
     transition_quantile: float = option(0.1, gt=0, le=1)
     divert_init: bool = option(True)
-    divert_real: bool = option(True)
+    divert_real: Union[bool, str] = option(True, choices=(True, False, "relabel", "posterior"))
     pass_weights: bool = option(True)
     consistency_lambda: float = option(0.1, ge=0)
     consistency_dsa: str = option("color_crop_cutout_flip_scale_rotate")

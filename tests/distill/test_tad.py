@@ -88,7 +88,7 @@ CASES = [("digits", "sym:0.4"), ("digits", "asym:0.4"),
     ("trust_update", "shrink"), ("covariance", "oas"), ("shrinkage", 1.5), ("maha_quantile", 0.0),
     ("kappa", 1.5), ("recall", 1), ("consistency_lambda", -1.0), ("consistency_dsa", "color_warp"),
     ("consistency_target", "logits"), ("cleanlab_folds", 1), ("seed", 1.5), ("min_trusted_per_class", -1),
-    ("divert_pool", "yes"), ("divert_pool", 1), ("scorer.warmup_epochs", float("nan")), ("recall_ratio", 0.0), ("recall_ratio", 1.1),
+    ("divert_pool", "yes"), ("divert_pool", 1), ("divert_real", "corrected"), ("divert_real", 1), ("scorer.warmup_epochs", float("nan")), ("recall_ratio", 0.0), ("recall_ratio", 1.1),
     ("trust_statistic", "entropy"),
 ])
 def test_bad_config_names_the_field(field, value):
@@ -632,6 +632,25 @@ def test_posterior_pool_sees_every_sample_with_its_posterior_label(tmp_path):
     old = dataclasses.replace(res.state, posterior=None)  # a round checkpoint from before the posterior existed
     with pytest.raises(ValueError, match="posterior"):
         diverted_view(ts, old, "posterior")
+
+
+@pytest.mark.parametrize("real", ["posterior", "relabel"])
+def test_real_batches_from_every_sample_with_tads_labels(real):
+    from ddfast.report import _tad_divert_sentence
+
+    d, res = _tiny_run(consistency_lambda=0.0, divert_real=real)
+    ts = noisy_data("digits", "sym:0.4")[0]
+    relabelled = int((res.state.posterior != ts.labels).sum() if real == "posterior" else (res.state.replacement >= 0).sum())
+    assert relabelled > 0
+    # the distillation steps see every sample with those labels, the pool and the initialisation the trusted view
+    assert d.seen["step"] and all(s == {"n": 1437, "masked": False, "weights": False, "relabelled": relabelled,
+                                        "transition": False} for s in d.seen["step"])
+    assert all(s["masked"] for s in d.seen["prepare"] + d.seen["initialize"])
+    tad_meta = res.synset.metadata["tad"]
+    assert tad_meta["config"]["divert_real"] == real
+    text = _tad_divert_sentence(tad_meta, "rcig")
+    assert text.startswith("Real batches") and ("posterior" in text) == (real == "posterior")
+    assert "Real batches" not in _tad_divert_sentence({**tad_meta, "config": {}}, "dance")
 
 
 def test_pass_weights_switch():
