@@ -805,12 +805,15 @@ def _tad_divert_sentence(tad: Dict[str, Any], method: Optional[str]) -> str:
     text = ""
     if summ.get("divert_pool", "n/a") != "n/a" and method != "rcig":
         text = f"Expert trajectories / model pool trained on {what.get(summ['divert_pool'], str(summ['divert_pool']))}"
-        rate = summ.get("noise_rate_estimate")
-        if cfg.get("divert_pool") == "auto" and rate is not None:
+        rate, share = summ.get("noise_rate_estimate"), summ.get("min_class_share")
+        if cfg.get("divert_pool") == "auto" and summ["divert_pool"] == "posterior" and share is not None:
+            text += (f" (`divert_pool=\"auto\"`: the trusted set keeps only {share:.2f} of its smallest class, "
+                     f"below {float(cfg.get('divert_min_class_share', 0.2)):.2f})")
+        elif cfg.get("divert_pool") == "auto" and rate is not None:
             text += (f" (`divert_pool=\"auto\"`: estimated noise rate {rate:.3f}, threshold "
                      f"{float(cfg.get('divert_noise_rate', 0.5)):.2f} for DATM's experts; pools are always diverted)")
         text += "."
-    real = cfg.get("divert_real", True)
+    real = summ.get("divert_real", cfg.get("divert_real", True))
     if real is not True and real in what:
         text += (" " if text else "") + f"Real batches / per-class statistics drawn from {what[real]}."
     return text

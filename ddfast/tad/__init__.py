@@ -60,7 +60,7 @@ from .config import (CONSISTENCY_TARGETS, COVARIANCES, LOSS_NORMS, REFINES, SCHE
 from .consistency import ConsistencyRegularizer
 from .partition import cleanlab_detector, partition, partition_metrics, pooled_precision, recall
 from .rounds import TrustState, diverted_view
-from .run import TADResult, resolve_divert_pool, run_tad, tad_partition
+from .run import TADResult, resolve_divert_pool, resolve_divert_real, run_tad, tad_partition
 from .scorer import TrustScorer, kfold_pred_probs, tad_seed
 
 __all__ = [
@@ -73,6 +73,7 @@ __all__ = [
     "run_tad",
     "tad_partition",
     "resolve_divert_pool",
+    "resolve_divert_real",
     "partition",
     "recall",
     "pooled_precision",

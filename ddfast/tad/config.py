@@ -128,10 +128,12 @@ class TADConfig(Config):
             et al., CVPR 2015), class-balanced (``posterior_balance``): pair flips are resolved by the image and no
             sample is dropped. Measured at asym 0.4 (Fashion-MNIST, IPC 10, quick, seed 0; benchmarks/RESULTS.md,
             "TAD at the current presets"): 89.9 % of the labels right (75.9 % given); DATM 77.01 % against 74.25 %
-            base and 74.36 % with ``"auto"``, DANCE 77.53 % against 74.94 % base and 76.58 % with ``"auto"``.
-            RCIG's pool trains on the synthetic set only, so
-            for RCIG every value of ``divert_pool`` is the same. ``"auto"`` (the default) [ddfast]:
-            ``True`` for a model pool (DANCE: measured gains at every noise kind), and for expert trajectories
+            base and 74.36 % with the trusted view, DANCE 77.53 % against 74.94 % base and 76.58 % with the
+            trusted pool. RCIG's pool trains on the synthetic set only, so for RCIG every value of ``divert_pool``
+            is the same. ``"auto"`` (the default) [ddfast]: ``"posterior"`` when the trusted set keeps less than
+            ``divert_min_class_share`` of some class while the posterior labels keep at least that share of every
+            class; otherwise ``True`` for a model pool (DANCE: measured gains at every noise kind), and for expert
+            trajectories
             (DATM, whose synthetic set learns whatever the experts cover) ``True`` only when the noise rate TAD
             estimates (``TrustState.noise_rate``, :func:`ddfast.noise.estimate_noise_rate`) exceeds
             ``divert_noise_rate``, else ``False``. The rule: divert the experts only when most given labels are
@@ -140,6 +142,16 @@ class TADConfig(Config):
             1.7 points on the earlier preset and ``False`` tied base DATM (benchmarks/RESULTS.md).
         divert_noise_rate: the estimated noise rate above which ``divert_pool="auto"`` diverts DATM's experts.
             Default 0.5 (a majority of wrong labels).
+        divert_min_class_share: the ``"auto"`` rules of ``divert_pool`` and ``divert_real`` switch to the
+            posterior labels when the trusted set keeps less than this share of some class's given labels
+            (:meth:`~ddfast.tad.rounds.TrustState.min_class_share`; label-free) and the posterior labels keep at
+            least this share of every class; 0 = never. The rule: a trusted set that all but drops a class cannot
+            teach it, whatever its precision; otherwise the trusted view's higher precision wins. Measured
+            (Fashion-MNIST, IPC 10, quick presets, seed 0; benchmarks/RESULTS.md, "TAD's posterior labels"): the
+            trusted set keeps 0.12 of the T-shirts under asym 0.4 and 0.02 of the Shirts under sym 0.8, against
+            >= 0.30 of every class under sym 0.4 and idn 0.4; RCIG's real batches with the posterior labels give
+            79.84 % at asym 0.4 (trusted view 74.07 %, base 74.60 %) but 79.88 % at sym 0.4 (trusted view
+            80.49 %). Default 0.2.
         posterior_balance: the posterior labels (``divert_pool="posterior"``) keep the given labels' class
             shares (``class_prior`` of :func:`ddfast.noise.posterior_labels`). Without it, under Fashion-MNIST's
             pair swaps (asym 0.4) the posterior moved 89 % of the T-shirts to Shirt and DATM's distilled set
@@ -151,9 +163,10 @@ class TADConfig(Config):
             (``True``), from the plain noisy set (``False``), or from every sample with TAD's labels: its
             pseudo-labels (``"relabel"``) or the posterior labels (``"posterior"``, see ``divert_pool``). For RCIG,
             whose outer loss is the only place real labels enter, ``"posterior"`` is how the posterior labels
-            reach it.
+            reach it. ``"auto"`` (the default) [ddfast]: ``"posterior"`` by the ``divert_min_class_share`` rule,
+            else ``True``.
         pass_weights: hand the GMM posteriors (1 for recalled samples) to the distiller as ``weights``.
-            All default True.
+            ``divert_init`` and ``pass_weights`` default True.
 
     Consistency regularisation on the synthetic set:
         consistency_lambda: weight lambda of ``L_cons`` added through the distiller's ``extra_loss``; 0 = off.
@@ -200,7 +213,8 @@ class TADConfig(Config):
     posterior_balance: bool = option(True)
     transition_quantile: float = option(0.1, gt=0, le=1)
     divert_init: bool = option(True)
-    divert_real: Union[bool, str] = option(True, choices=(True, False, "relabel", "posterior"))
+    divert_real: Union[bool, str] = option("auto", choices=("auto", True, False, "relabel", "posterior"))
+    divert_min_class_share: float = option(0.2, ge=0, le=1)
     pass_weights: bool = option(True)
     consistency_lambda: float = option(0.1, ge=0)
     consistency_dsa: str = option("color_crop_cutout_flip_scale_rotate")

@@ -82,6 +82,19 @@ class TrustState:
         """``int64 [N]``: ``labels`` with the pseudo-labels applied."""
         return torch.where(self.replacement >= 0, self.replacement, labels)
 
+    def min_class_share(self, labels: torch.Tensor, num_classes: int) -> float:
+        """The smallest share of a class the trusted set keeps [ddfast]: ``min_c |T_c| / |{i : y~_i = c}|``
+        over the classes with at least one given label, ``T_c`` the trusted samples whose (pseudo-)label is
+        ``c``. Label-free (given labels only). Under pair-flip noise the trusted set nearly drops the class whose
+        images carry its partner's labels (Fashion-MNIST asym 0.4: T-shirt 0.12), and at 80 % symmetric noise
+        the hardest class (Shirt 0.02); at 40 % symmetric or instance-dependent noise every class keeps >= 0.30
+        (benchmarks/RESULTS.md). ``labels``: ``int64 [N]`` given labels."""
+        labels = labels.cpu()
+        given = torch.bincount(labels, minlength=num_classes).double()
+        kept = torch.bincount(self.effective_labels(labels)[self.trusted], minlength=num_classes).double()
+        present = given > 0
+        return float((kept[present] / given[present]).min()) if bool(present.any()) else 1.0
+
 
 @dataclass
 class RoundContext:

@@ -15,27 +15,65 @@ from .consistency import ConsistencyRegularizer
 from .rounds import RoundContext, RoundStore, TrustState, diverted_view, run_round
 from .scorer import TrustScorer
 
-__all__ = ["TADResult", "run_tad", "tad_partition", "resolve_divert_pool"]
+__all__ = ["TADResult", "run_tad", "tad_partition", "resolve_divert_pool", "resolve_divert_real"]
+
+
+def _posterior_by_share(state: Optional[TrustState], labels: Optional[torch.Tensor], min_class_share: float) -> bool:
+    if state is None or labels is None or min_class_share <= 0:
+        return False
+    if state.posterior is None:
+        raise ValueError("divert='auto' needs the round's posterior labels, which this TAD checkpoint (written by "
+                         "an older ddfast) lacks; rerun TAD in a new checkpoint directory")
+    labels = labels.cpu()
+    n_classes = int(torch.maximum(labels.max(), state.effective_labels(labels).max())) + 1
+    if state.min_class_share(labels, n_classes) >= min_class_share:
+        return False
+    # ... and only when the posterior labels keep every class better (a scorer trained on a few hundred images
+    # can leave a class without any posterior label)
+    given = torch.bincount(labels, minlength=n_classes).double()
+    post = torch.bincount(state.posterior.cpu(), minlength=n_classes)[:n_classes].double()
+    present = given > 0
+    return float((post[present] / given[present]).min()) >= min_class_share
 
 
 def resolve_divert_pool(divert: Union[bool, str], distiller: Optional[Distiller], state: Optional[TrustState],
-                        noise_rate_threshold: float = 0.5) -> Union[bool, str]:
+                        noise_rate_threshold: float = 0.5, *, labels: Optional[torch.Tensor] = None,
+                        min_class_share: float = 0.0) -> Union[bool, str]:
     """What ``TADConfig.divert_pool`` means for this distiller and trust state [ddfast]: anything but
-    ``"auto"`` as given; ``"auto"`` gives ``True`` for distillers that train a model pool and, for those whose
-    class sets ``divert_pool_by_noise_rate`` (DATM: expert trajectories), ``True`` only when
+    ``"auto"`` gives ``"posterior"`` when the trusted set keeps less than ``min_class_share`` of some class
+    (:meth:`TrustState.min_class_share` on the given ``labels``; off when ``labels`` is None or
+    ``min_class_share`` is 0) while the posterior labels keep at least that share of every class, else ``True`` for distillers that train a model pool and, for
+    those whose class sets ``divert_pool_by_noise_rate`` (DATM: expert trajectories), ``True`` only when
     ``state.noise_rate > noise_rate_threshold`` (most given labels wrong), else ``False``.
 
     Raises:
-        ValueError: ``"auto"`` for such a distiller with a state that carries no noise-rate estimate (a TAD
-            checkpoint from an older ddfast)."""
+        ValueError: ``"auto"`` with a state that carries no noise-rate estimate (for such a distiller) or no
+            posterior labels (when the share rule is on): a TAD checkpoint from an older ddfast."""
     if divert != "auto":
         return divert
+    if _posterior_by_share(state, labels, min_class_share):
+        return "posterior"
     if distiller is None or not getattr(distiller, "divert_pool_by_noise_rate", False) or state is None:
         return True
     if state.noise_rate is None:
         raise ValueError("divert_pool='auto' needs the round's noise-rate estimate, which this TAD checkpoint "
                          "(written by an older ddfast) lacks; rerun TAD in a new checkpoint directory")
     return bool(state.noise_rate > noise_rate_threshold)
+
+
+def resolve_divert_real(divert: Union[bool, str], state: Optional[TrustState], labels: Optional[torch.Tensor],
+                        min_class_share: float) -> Union[bool, str]:
+    """What ``TADConfig.divert_real`` means for this trust state [ddfast]: anything but ``"auto"`` as given;
+    ``"auto"`` gives ``"posterior"`` when the trusted set keeps less than ``min_class_share`` of some class
+    (:meth:`TrustState.min_class_share`) while the posterior labels keep at least that share of every class,
+    else ``True`` (the trusted view).
+
+    Raises:
+        ValueError: ``"auto"`` with a state that carries no posterior labels (a TAD checkpoint from an older
+            ddfast)."""
+    if divert != "auto":
+        return divert
+    return "posterior" if _posterior_by_share(state, labels, min_class_share) else True
 
 
 @dataclass
@@ -105,7 +143,9 @@ def run_tad(distiller: Distiller, train: TrainSet, config: Union[TADConfig, Dict
 
     Returns:
         :class:`TADResult`; its ``summary`` also holds ``divert_pool`` (the config's value resolved, see
-        :func:`resolve_divert_pool`; ``"n/a"`` for a distiller whose ``trains_on_real_images`` is False) and
+        :func:`resolve_divert_pool`; ``"n/a"`` for a distiller whose ``trains_on_real_images`` is False),
+        ``divert_real`` (resolved, :func:`resolve_divert_real`), ``min_class_share`` (the final trusted set's,
+        :meth:`~ddfast.tad.rounds.TrustState.min_class_share`, which decides both ``"auto"`` rules) and
         ``noise_rate_estimate``. Each round dict holds (``None`` where not known):
         ``round``, ``n``, ``n_trusted_gmm`` (GMM partition), ``n_fallback`` (added by the per-class minimum),
         ``n_kept`` (trusted earlier, rejected by this round's GMM, kept by ``trust_update="grow"``),
@@ -183,6 +223,7 @@ class _TADRun:
         self._views: Optional[DistillViews] = None
         self._views_for: Optional[TrustState] = None
         self.divert_pool: Union[bool, str, None] = None  # cfg.divert_pool resolved (resolve_divert_pool)
+        self.divert_real: Union[bool, str, None] = None  # cfg.divert_real resolved (resolve_divert_real)
         self.t_distill = 0.0
 
     def say(self, msg: str) -> None:
@@ -257,11 +298,13 @@ class _TADRun:
         view objects on every call, so they are prepared once), real data from ``current``'s."""
         cfg = self.cfg
         if self._views_for is not first:
-            self.divert_pool = resolve_divert_pool(cfg.divert_pool, self.d, first, cfg.divert_noise_rate)
+            self.divert_pool = resolve_divert_pool(cfg.divert_pool, self.d, first, cfg.divert_noise_rate,
+                                                   labels=self.train.labels, min_class_share=cfg.divert_min_class_share)
             self._views = DistillViews(pool=diverted_view(self.train, first, self.divert_pool, cfg.pass_weights),
                                        init=diverted_view(self.train, first, cfg.divert_init, cfg.pass_weights))
             self._views_for = first
-        real = diverted_view(self.train, current, cfg.divert_real, cfg.pass_weights)
+        self.divert_real = resolve_divert_real(cfg.divert_real, current, self.train.labels, cfg.divert_min_class_share)
+        real = diverted_view(self.train, current, self.divert_real, cfg.pass_weights)
         t0 = time.perf_counter()
         syn = self.d.run(real, views=self._views, extra_loss=self._regularizer(), initialize=fresh, until=until,
                          checkpoint_dir=os.path.join(self.ckpt, "distill") if self.ckpt else None,
@@ -280,6 +323,9 @@ class _TADRun:
             s["noise_rate_estimate"] = float(state.noise_rate)
         if self.divert_pool is not None:  # "n/a" for a method that trains no network on real images (RCIG)
             s["divert_pool"] = self.divert_pool if getattr(self.d, "trains_on_real_images", True) else "n/a"
+        if self.divert_real is not None:
+            s["divert_real"] = self.divert_real
+        s["min_class_share"] = round(state.min_class_share(self.train.labels, self.train.num_classes), 4)
         for k in ("precision", "recall", "label_accuracy_after"):
             if last.get(k) is not None:
                 s[k] = last[k]

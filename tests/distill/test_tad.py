@@ -541,6 +541,76 @@ def test_resolve_divert_pool_rule():
         resolve_divert_pool("auto", by_rate, dataclasses.replace(st, noise_rate=None))
 
 
+def test_min_class_share_against_a_loop():
+    _, res = _tiny_run(consistency_lambda=0.0, rounds=1)
+    ts = noisy_data("digits", "sym:0.4")[0]
+    st = res.state
+    eff = st.effective_labels(ts.labels)
+    shares = []
+    for c in range(10):
+        given = sum(1 for y in ts.labels.tolist() if y == c)
+        kept = sum(1 for i in range(len(eff)) if bool(st.trusted[i]) and int(eff[i]) == c)
+        shares.append(kept / given)
+    assert st.min_class_share(ts.labels, 10) == pytest.approx(min(shares), abs=1e-12)
+    # a trusted set that drops all but a tenth of one class
+    one = torch.nonzero((eff == 3) & st.trusted).flatten()
+    keep = int(0.1 * int((ts.labels == 3).sum()))
+    dropped = dataclasses.replace(st, trusted=st.trusted.clone())
+    dropped.trusted[one[keep:]] = False
+    assert dropped.min_class_share(ts.labels, 10) == pytest.approx(keep / int((ts.labels == 3).sum()))
+    # a class without any given label is skipped
+    assert st.min_class_share(ts.labels, 12) == pytest.approx(min(shares), abs=1e-12)
+
+
+def test_auto_rules_choose_the_posterior_when_a_class_is_nearly_dropped():
+    from ddfast.tad import resolve_divert_pool, resolve_divert_real
+
+    _, res = _tiny_run(consistency_lambda=0.0, rounds=1)
+    ts = noisy_data("digits", "sym:0.4")[0]
+    st = res.state
+    share = st.min_class_share(ts.labels, 10)
+    assert 0 < share < 1
+    by_rate, pool = _ByRate(TinyConfig(), quiet=True), Tiny(TinyConfig(), quiet=True)
+    for d in (by_rate, pool):
+        assert resolve_divert_pool("auto", d, st, 0.5, labels=ts.labels, min_class_share=share + 1e-6) == "posterior"
+        assert resolve_divert_pool("auto", d, st, 0.5, labels=ts.labels, min_class_share=share) == \
+            resolve_divert_pool("auto", d, st, 0.5)  # at or above the threshold: the noise-rate rule
+    assert resolve_divert_pool("auto", pool, st, 0.5, labels=ts.labels, min_class_share=0.0) is True
+    assert resolve_divert_pool(False, pool, st, 0.5, labels=ts.labels, min_class_share=1.0) is False
+    assert resolve_divert_real("auto", st, ts.labels, share + 1e-6) == "posterior"
+    assert resolve_divert_real("auto", st, ts.labels, share) is True
+    assert resolve_divert_real("auto", None, ts.labels, 1.0) is True
+    # a threshold the posterior labels do not reach either: no switch
+    post_share = float((torch.bincount(st.posterior, minlength=10).double()
+                        / torch.bincount(ts.labels, minlength=10).double()).min())
+    assert share < post_share < 1
+    assert resolve_divert_real("auto", st, ts.labels, post_share) == "posterior"
+    assert resolve_divert_real("auto", st, ts.labels, post_share + 1e-6) is True
+    assert resolve_divert_pool("auto", pool, st, 0.5, labels=ts.labels, min_class_share=post_share + 1e-6) is True
+    for explicit in (True, False, "relabel", "posterior"):
+        assert resolve_divert_real(explicit, st, ts.labels, 1.0) == explicit
+    old = dataclasses.replace(st, posterior=None)  # a round checkpoint from before the posterior existed
+    with pytest.raises(ValueError, match="posterior"):
+        resolve_divert_real("auto", old, ts.labels, 0.2)
+    with pytest.raises(ValueError, match="posterior"):
+        resolve_divert_pool("auto", pool, old, labels=ts.labels, min_class_share=0.2)
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.0])
+def test_auto_share_rule_end_to_end(threshold):
+    # here the trusted set keeps ~0.21 of its smallest class, the posterior labels ~0.92
+    d, res = _tiny_run(consistency_lambda=0.0, divert_min_class_share=threshold)
+    share = res.summary["min_class_share"]
+    posterior = share < threshold
+    assert posterior == (threshold == 0.5)
+    assert res.summary["divert_pool"] == ("posterior" if posterior else True)
+    assert res.summary["divert_real"] == ("posterior" if posterior else True)
+    for part in ("prepare", "step"):
+        assert all(s["masked"] != posterior and s["n"] == (1437 if posterior else int(res.state.trusted.sum()))
+                   for s in d.seen[part]), part
+    assert all(s["masked"] for s in d.seen["initialize"])  # the initialisation stays on the trusted view
+
+
 @pytest.mark.parametrize("threshold", [0.9, 0.1])
 def test_auto_diverts_a_by_rate_distiller_only_above_the_threshold(threshold):
     ts, nl = noisy_data("digits", "sym:0.4")
@@ -650,7 +720,7 @@ def test_real_batches_from_every_sample_with_tads_labels(real):
     assert tad_meta["config"]["divert_real"] == real
     text = _tad_divert_sentence(tad_meta, "rcig")
     assert text.startswith("Real batches") and ("posterior" in text) == (real == "posterior")
-    assert "Real batches" not in _tad_divert_sentence({**tad_meta, "config": {}}, "dance")
+    assert "Real batches" not in _tad_divert_sentence({"config": {}, "summary": {"divert_pool": True}}, "dance")
 
 
 def test_pass_weights_switch():
@@ -781,8 +851,10 @@ def _e2e(method, cfg, tmp_path, **tad_kw):
 
     ts, nl = noisy_data("digits", "sym:0.4")
     d = make_distiller(method, cfg, cache_dir=str(tmp_path / "cache"), quiet=True)
-    res = run_tad(d, ts, tadcfg(dict(FAST_TAD, rounds=1, consistency_lambda=0.1, **{"scorer.warmup_epochs": 4.0},
-                                     **tad_kw)),
+    # one short round leaves a poor trusted set, whose smallest class share would switch "auto" to the posterior
+    # labels; 0 keeps the noise-rate rule unless a test asks otherwise
+    res = run_tad(d, ts, tadcfg({**FAST_TAD, "rounds": 1, "consistency_lambda": 0.1, "scorer.warmup_epochs": 4.0,
+                                 "divert_min_class_share": 0.0, **tad_kw}),
                   clean_labels=nl, checkpoint_dir=str(tmp_path / "ckpt"), quiet=True)
     syn = res.synset
     assert syn.images.shape[0] == 10 * cfg.ipc * getattr(cfg, "factor", 1) ** 2
@@ -852,6 +924,11 @@ def test_tad_with_dance(tmp_path):
         eval_epochs=10, eval_runs=1, pool=dict(net=dict(width=8, depth=2), amount=2, epochs=2, lr=0.05)))
     d, res = _e2e("dance", cfg, tmp_path)
     assert res.synset.metadata["n_real_used"] == int(res.state.trusted.sum())
+    # the share rule on: the pool and the real statistics see every image with its posterior label
+    # (one short round: the trusted set keeps ~0.03 of its smallest class, the posterior labels ~0.34)
+    d, res = _e2e("dance", cfg, tmp_path / "posterior", divert_min_class_share=0.2)
+    assert res.summary["divert_pool"] == res.summary["divert_real"] == "posterior"
+    assert res.synset.metadata["n_real_used"] == 1437
 
 
 @pytest.mark.skipif(not _have("rcig"), reason="ddfast.distill.rcig does not exist yet")

@@ -158,11 +158,15 @@ def test_run_end_to_end_on_digits_datm_tad(tmp_path):
         assert (out / f).exists(), f
     report = (out / "report.md").read_text()
     assert "## TAD (trust-aware diversion) per round" in report and "GCE" in report
-    # divert_pool="auto" (default): DATM's experts diverted only above the estimated noise rate 0.5, and said so
+    # divert_pool="auto" (default): the posterior labels when the trusted set keeps less than 0.2 of a class (and
+    # the posterior labels keep more), else DATM's experts diverted only above the estimated noise rate 0.5; said so
     summ = m["tad"]["summary"]
     assert summ["noise_rate_estimate"] == rounds[-1]["noise_rate_estimate"]
-    assert summ["divert_pool"] is (summ["noise_rate_estimate"] > 0.5)
-    assert f"estimated noise rate {summ['noise_rate_estimate']:.3f}" in report
+    if summ["divert_pool"] == "posterior":
+        assert summ["min_class_share"] < 0.2 and f"keeps only {summ['min_class_share']:.2f}" in report
+    else:
+        assert summ["divert_pool"] is (summ["noise_rate_estimate"] > 0.5)
+        assert f"estimated noise rate {summ['noise_rate_estimate']:.3f}" in report
     assert "distilled set" in p.stdout and "report:" in p.stdout
     assert "%|" in p.stderr            # tqdm progress bars on stderr
     # the same command again: finished, nothing recomputed, nothing printed with --quiet
