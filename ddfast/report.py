@@ -815,7 +815,12 @@ def _tad_divert_sentence(tad: Dict[str, Any], method: Optional[str]) -> str:
         text += "."
     real = summ.get("divert_real", cfg.get("divert_real", True))
     if real is not True and real in what:
-        text += (" " if text else "") + f"Real batches / per-class statistics drawn from {what[real]}."
+        text += (" " if text else "") + f"Real batches / per-class statistics drawn from {what[real]}"
+        share = summ.get("min_class_share")
+        if cfg.get("divert_real") == "auto" and real == "posterior" and share is not None:
+            text += (f" (`divert_real=\"auto\"`: the trusted set keeps only {share:.2f} of its smallest class, "
+                     f"below {float(cfg.get('divert_min_class_share', 0.2)):.2f})")
+        text += "."
     return text
 
 

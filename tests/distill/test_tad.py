@@ -605,6 +605,11 @@ def test_auto_share_rule_end_to_end(threshold):
     assert posterior == (threshold == 0.5)
     assert res.summary["divert_pool"] == ("posterior" if posterior else True)
     assert res.summary["divert_real"] == ("posterior" if posterior else True)
+    from ddfast.report import _tad_divert_sentence
+
+    text = _tad_divert_sentence(res.synset.metadata["tad"], "rcig")
+    assert (f"keeps only {share:.2f} of its smallest class, below 0.50" in text) == posterior
+    assert text.startswith("Real batches") == posterior
     for part in ("prepare", "step"):
         assert all(s["masked"] != posterior and s["n"] == (1437 if posterior else int(res.state.trusted.sum()))
                    for s in d.seen[part]), part
