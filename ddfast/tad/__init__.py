@@ -28,7 +28,10 @@ Algorithm (one TAD run, ``R = TADConfig.rounds``)::
                     second-nearest anchor: a ratio test [ddfast])
       diversion:    the distiller sees TrainSet(trusted_mask=T, replacement_labels=pseudo, weights=w) for the
                     parts switched on: expert/pool training and synthetic initialisation
-                    (``Distiller.run(views=DistillViews(pool, init))``), real statistics/batches
+                    (``Distiller.run(views=DistillViews(pool, init))``), real statistics/batches;
+                    [ddfast] when T keeps < divert_min_class_share of some class, the pool and the real
+                    data see every sample with its posterior label argmax_j p_f(j|x) T[j, y~] instead
+                    (TADConfig.divert_pool / divert_real = "auto"; ddfast.noise.posterior_labels)
       distillation: L_B(S; T) + lambda * L_cons(S), L_cons = CE(f(DSA_1(S)), y_S) + CE(f(DSA_2(S)), y_S) / 2
                     through ``Distiller.run(extra_loss=...)``
 

@@ -40,10 +40,11 @@ def resolve_divert_pool(divert: Union[bool, str], distiller: Optional[Distiller]
                         noise_rate_threshold: float = 0.5, *, labels: Optional[torch.Tensor] = None,
                         min_class_share: float = 0.0) -> Union[bool, str]:
     """What ``TADConfig.divert_pool`` means for this distiller and trust state [ddfast]: anything but
-    ``"auto"`` gives ``"posterior"`` when the trusted set keeps less than ``min_class_share`` of some class
-    (:meth:`TrustState.min_class_share` on the given ``labels``; off when ``labels`` is None or
-    ``min_class_share`` is 0) while the posterior labels keep at least that share of every class, else ``True`` for distillers that train a model pool and, for
-    those whose class sets ``divert_pool_by_noise_rate`` (DATM: expert trajectories), ``True`` only when
+    ``"auto"`` as given; ``"auto"`` gives ``"posterior"`` when the trusted set keeps less than
+    ``min_class_share`` of some class (:meth:`TrustState.min_class_share` on the given ``labels``; off when
+    ``labels`` is None or ``min_class_share`` is 0) while the posterior labels keep at least that share of every
+    class; else ``True`` for distillers that train a model pool and, for those whose class sets
+    ``divert_pool_by_noise_rate`` (DATM: expert trajectories), ``True`` only when
     ``state.noise_rate > noise_rate_threshold`` (most given labels wrong), else ``False``.
 
     Raises:
