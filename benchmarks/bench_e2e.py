@@ -134,10 +134,17 @@ def datm_build(mode: str, threads: int):
     return d, port
 
 
+def _net_tol() -> Dict[str, float]:
+    """Tolerance of the "same network" checks: float32 rounding on the CPU; on a GPU cuDNN may run the
+    convolutions in TF32 (PyTorch's default ``torch.backends.cudnn.allow_tf32 = True``, which the official code
+    keeps too), 10-bit mantissas: measured on an H200 at width 128, 2.2e-3 relative / 3.2e-5 absolute."""
+    return {"rtol": 1e-2, "atol": 1e-4} if DEVICE.startswith("cuda") else {"rtol": 1e-4, "atol": 1e-5}
+
+
 def datm_check(d, port) -> Dict[str, float]:
     """Same start/target, plan, images, labels, lr: the same loss and gradients (asserted)."""
-    theta0 = d.experts.snapshot(0, 0).clone()
-    target = d.experts.snapshot(0, d.config.expert_epochs).clone()
+    theta0 = d.experts.snapshot(0, 0).to(d.device, torch.float32)  # the buffer lives on the CPU, as in step()
+    target = d.experts.snapshot(0, d.config.expert_epochs).to(d.device, torch.float32)
     plan = d._plan()
     for t in (d.image_syn, d.label_syn, d.syn_lr):
         t.grad = None
@@ -145,19 +152,20 @@ def datm_check(d, port) -> Dict[str, float]:
     x = d.image_syn.detach()[:8]
     from ddfast.models import functional_forward
 
-    torch.testing.assert_close(port.net(theta0, x), functional_forward(d._template, theta0, x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(port.net(theta0, x), functional_forward(d._template, theta0, x), **_net_tol())
     loss_d = d._unroll(theta0, target, plan) if d.config.grad_mode == "unroll" else d._tesla(theta0, target, plan)
     loss_r = port.iteration(theta0, target, [(i.cpu(), s) for i, s in plan], step=False)
     out = {"loss_ddfast": float(loss_d), "loss_reference": float(loss_r)}
-    assert math.isclose(loss_d, loss_r, rel_tol=1e-4), out
+    assert math.isclose(loss_d, loss_r, rel_tol=1e-3 if DEVICE.startswith("cuda") else 1e-4), out
     for name, a, b in (("images", d.image_syn.grad, port.image_syn.grad), ("labels", d.label_syn.grad,
                                                                           port.label_syn.grad),
                        ("lr", d.syn_lr.grad, port.syn_lr.grad)):
         rel = float((a - b).norm() / b.norm().clamp_min(1e-30))
         out[f"grad_{name}_rel_err"] = rel
         # float32 meta-gradients through 20 unrolled steps differ from the float64 truth by ~2.5e-3 (the port's
-        # own images' gradient at width 128; ddfast's fused block 1.6e-3, measured): ReLU masks near zero flip
-        assert rel < 1e-2, (name, out)
+        # own images' gradient at width 128; ddfast's fused block 1.6e-3, measured): ReLU masks near zero flip.
+        # On a GPU with TF32 convolutions two runs of the SAME code differ by up to 1.4e-2 (H200, width 128)
+        assert rel < (5e-2 if DEVICE.startswith("cuda") else 1e-2), (name, out)
     for t in (d.image_syn, d.label_syn, d.syn_lr, port.image_syn, port.label_syn, port.syn_lr):
         t.grad = None
     return out
@@ -280,13 +288,13 @@ def rcig_check(d, port) -> Dict[str, float]:
     g = torch.Generator().manual_seed(5)
     sel = torch.randperm(d.train.images.shape[0], generator=g)[:cfg.real_batch_size]
     real_x = d._net_input(d.train.images[sel])
-    real_y = d.train.labels[sel]
+    real_y = d.train.labels[sel].to(d.device)
     # the networks agree
     from ddfast.models import functional_forward
 
     x8 = d.images.detach()[:8]
     torch.testing.assert_close(port.net(d.pool_params[k], x8), functional_forward(d.model, d.pool_params[k], x8),
-                               rtol=1e-4, atol=1e-5)
+                               **_net_tol())
     res = meta_step(d.model, d._params(k), d.images, d.labels, d.log_temp, real_x, real_y,
                     ridge=cfg.l2_rate * d.images.shape[0], n_inner_steps=cfg.n_inner_steps, inner_solver="adam",
                     inner_lr=d.inner_lr, n_hinv_steps=cfg.n_hinv_steps, hinv_solver=cfg.hinv_solver,

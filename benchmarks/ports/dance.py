@@ -80,7 +80,7 @@ class DANCEPort:
 
     def calib(self, syn, c, seed):
         out = self.expert(self.aug(self.norm(syn), seed))
-        return F.cross_entropy(out, torch.full((syn.shape[0],), c, dtype=torch.long))
+        return F.cross_entropy(out, torch.full((syn.shape[0],), c, dtype=torch.long, device=self.dev))
 
     def _seed(self):
         return int(torch.randint(2 ** 62, (1,), generator=self.g))

@@ -17,7 +17,8 @@ class DATMPort:
         cfg = d.config
         self.mode = mode
         self.cfg = cfg
-        self.net = FlatParamNet(_plain_net_from_template(d._template).to(d.image_syn.device))
+        self.dev = d.image_syn.device
+        self.net = FlatParamNet(_plain_net_from_template(d._template).to(self.dev))
         self.net.net.train()
         sizes = self.net.numels
         # the replay buffer as the official code stores it: per expert, per epoch, a list of parameter tensors
@@ -43,8 +44,9 @@ class DATMPort:
             self.order = torch.randperm(len(self.buffer), generator=self.g).tolist()
         traj = self.buffer[self.order.pop()]
         t = int(torch.randint(cfg.min_start_epoch, cfg.max_start_epoch, (1,), generator=self.g))
-        start = torch.cat([p.reshape(-1) for p in traj[t]])
-        target = torch.cat([p.reshape(-1) for p in traj[t + cfg.expert_epochs]])
+        # the official loop keeps the buffer on the host and moves each segment to the device per iteration
+        start = torch.cat([p.to(self.dev).reshape(-1) for p in traj[t]])
+        target = torch.cat([p.to(self.dev).reshape(-1) for p in traj[t + cfg.expert_epochs]])
         return start, target
 
     def _plan(self):

@@ -51,7 +51,7 @@ def closed_form_grads(s, e, t, g):
     num = ((s - t) ** 2).sum(-1, keepdim=True)
     den = ((e - t) ** 2).sum(-1, keepdim=True)
     L = num / den
-    g = g.double().reshape(num.shape)
+    g = g.double().to(s.device).reshape(num.shape)
     ds = 2 * (s - t) / den * g
     dt = (-2 * (s - t) + 2 * L * (e - t)) / den * g
     de = -2 * L * (e - t) / den * g

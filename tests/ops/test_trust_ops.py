@@ -285,6 +285,15 @@ def sklearn_fit(x, w0, mu0, var0, *, cov_type, tol, reg_covar, max_iter):
     return (gm.weights_[order], gm.means_[order, 0], var, gm.predict_proba(X)[:, order[0]], gm.n_iter_)
 
 
+def assert_same_fit(a, b):
+    """Two fits of the same data: bitwise equal on the CPU (fixed summation order); on a GPU the per-class sums
+    are atomic additions whose order varies between runs, so float64 results agree to rounding only."""
+    if a.device.type == "cpu":
+        assert torch.equal(a, b)
+    else:
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
 def check_against_sklearn(values, labels, C, init, *, cov_type, tol_, reg_covar, max_iter, device, rtol, atol):
     values, labels = values.to(device), labels.to(device)
     w0, mu0, var0 = init
@@ -295,7 +304,7 @@ def check_against_sklearn(values, labels, C, init, *, cov_type, tol_, reg_covar,
     fit = ops.classwise_gmm(values, labels, C, max_iter, tol=tol_, reg_covar=reg_covar,
                             init=(w0.to(device), mu0.to(device), var0.to(device)))
     for a, b in zip(fit, (post, w, mu, var)):
-        assert torch.equal(a, b)
+        assert_same_fit(a, b)
     x64 = values.cpu().double()
     lab = labels.cpu()
     for c in range(C):
@@ -449,7 +458,7 @@ def test_gmm_noncontiguous_and_empty(device):
     a = ops.classwise_gmm(v2, y2, 2)
     b = ops.classwise_gmm(values.to(device), labels.to(device), 2)
     for x1, x2 in zip(a, b):
-        assert torch.equal(x1, x2)
+        assert_same_fit(x1, x2)
     e = ops.classwise_gmm(torch.empty(0, dtype=torch.float64, device=device),
                           torch.empty(0, dtype=torch.long, device=device), 3)
     assert e.posterior_low.shape == (0,) and e.means.shape == (3, 2)

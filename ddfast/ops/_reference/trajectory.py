@@ -22,13 +22,16 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 def check_denominator(den: torch.Tensor, op: str) -> None:
     """Raises ``ValueError`` if any row has ``den == ||start - target||^2 == 0`` (the loss would be 0/0 or
     x/0). In eager mode this reads ``den`` on the host; while ``torch.compile`` traces, it becomes an
-    asynchronous assertion (a ``RuntimeError`` when the compiled graph runs) so that the graph does not break.
+    asynchronous assertion (a ``RuntimeError`` when the compiled graph runs) so that the graph does not break;
+    while a CUDA graph is being captured the check is skipped (a host read would invalidate the capture).
     """
     if den.numel() == 0:
         return
     if torch.compiler.is_compiling():
         torch._assert_async(torch.all(den != 0), f"{op}: start == target (||start - target||^2 == 0) in some row")
         return
+    if den.is_cuda and torch.cuda.is_current_stream_capturing():
+        return  # no host read inside CUDA graph capture (the compiled kernels skip it there too)
     bad = torch.nonzero(den == 0).flatten()  # NaN / inf rows are named by the public op's finiteness check
     if bad.numel() > 0:
         raise ValueError(
