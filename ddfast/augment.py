@@ -217,6 +217,33 @@ class DSA:
                 x = getattr(self, "_" + op)(x, u)
         return x
 
+    def group_weights(self, params: DSAParams) -> torch.Tensor:
+        """``float32 [len(self.groups)]`` on the CPU: 1 for each group of ``self.groups`` that ``params``
+        applies, 0 elsewhere (one-hot in mode ``'S'``). With :meth:`apply_weighted` it moves mode ``'S'``'s group
+        choice from the host into a tensor, so that the kernel sequence no longer depends on the draw (what a
+        CUDA graph needs)."""
+        chosen = set(params.groups)
+        return torch.tensor([1.0 if g in chosen else 0.0 for g in self.groups])
+
+    def apply_weighted(self, x: torch.Tensor, u: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``sum_g weights[g] * group_g(x)`` over the groups of ``self.groups`` (each group's ops applied to
+        ``x`` alone, as mode ``'S'`` does), with ``u [N, 11]`` uniforms on ``x``'s device and dtype and
+        ``weights [len(self.groups)]`` on ``x``'s device. For the one-hot weights of :meth:`group_weights` this
+        is exactly :meth:`apply` of mode ``'S'`` (the other groups add ``0 * finite``; values and gradients are
+        equal), at the cost of running every group. Raises ``ValueError`` on a wrong number of weights."""
+        _check_images(x)
+        if weights.shape != (len(self.groups),):
+            raise ValueError(f"weights must have shape ({len(self.groups)},) (one per group of {self.strategy!r}), "
+                             f"got {tuple(weights.shape)}")
+        out = None
+        for gi, group in enumerate(self.groups):
+            y = x
+            for op in DSA_GROUPS[group]:
+                y = getattr(self, "_" + op)(y, u)
+            term = y * weights[gi]
+            out = term if out is None else out + term
+        return out
+
     # -- ops (u: [N, 11] uniforms on x's device) ------------------------------------------------------------
     def _brightness(self, x, u):
         return x + ((u[:, _COLS["brightness"]] - 0.5) * self.brightness).view(-1, 1, 1, 1)

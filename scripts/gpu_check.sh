@@ -83,6 +83,8 @@ PYEOF
 XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
 step tests_ops 180 "$PY" -m pytest -q tests/ops -p no:cacheprovider "${XDIST[@]}"
+# DATM with cuda_graph=True against the eager loop (its static iteration is checked on the CPU in CI)
+step tests_datm_graph 120 "$PY" -m pytest -q tests/distill/test_distill_datm.py -k graph -p no:cacheprovider
 
 # 4. the DATM iteration captured in a CUDA graph against the same loop run eagerly
 cp benchmarks/results.csv "$OUT_DIR/results_before.csv" 2>/dev/null || true

@@ -66,6 +66,29 @@ def test_mode_s_picks_one_group_and_covers_all():
     assert DSA(ALL, mode="M").sample(2, 0).groups == ("color", "crop", "cutout", "flip", "scale", "rotate")
 
 
+def test_weighted_groups_equal_mode_s_values_and_gradients():
+    """apply_weighted with group_weights' one-hot equals mode 'S' exactly (the CUDA-graph form of DSA), for every
+    seed's group; wrong weights are named."""
+    dsa = DSA()  # all six groups, mode 'S'
+    x0 = torch.rand(6, 3, 12, 12, dtype=torch.float64)
+    seen = set()
+    for seed in range(40):
+        p = dsa.sample(6, seed)
+        seen.add(p.groups[0])
+        xa, xb = x0.clone().requires_grad_(True), x0.clone().requires_grad_(True)
+        ya = dsa.apply(xa, p)
+        yb = dsa.apply_weighted(xb, p.uniforms, dsa.group_weights(p).double())
+        assert torch.equal(ya, yb), p.groups
+        cot = torch.randn_like(ya)
+        (ga,) = torch.autograd.grad((ya * cot).sum(), xa)
+        (gb,) = torch.autograd.grad((yb * cot).sum(), xb)
+        assert torch.equal(ga, gb), p.groups
+    assert seen == set(dsa.groups)
+    assert dsa.group_weights(dsa.sample(2, 0)).sum() == 1
+    with pytest.raises(ValueError, match="weights must have shape"):
+        dsa.apply_weighted(x0, dsa.sample(6, 0).uniforms, torch.ones(2))
+
+
 def test_batch_shared_diffaug():
     aug = diffaug()
     assert aug.mode == "M" and aug.batch_shared and aug.groups == ("color", "crop", "cutout")

@@ -217,6 +217,57 @@ def test_tesla_equals_unroll_for_one_step(digits, cache):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-14)
 
 
+@pytest.mark.parametrize("dsa_mode", ["S", "M", "off"])
+def test_graph_iteration_equals_the_eager_unroll(digits, cache, dsa_mode):
+    """cuda_graph's static iteration (buffers filled from the plan, DSA's group as a one-hot weight), run here
+    without capture, gives the eager unroll's loss and gradients (float64)."""
+    from ddfast.augment import DSA
+    from ddfast.distill.datm import _UnrollGraph
+
+    d, theta0, target = _double_distiller(digits, cache, syn_steps=3, ipc=2, batch_syn=10)
+    d._dsa = None if dsa_mode == "off" else DSA(d.config.dsa_strategy, mode=dsa_mode)
+    plan = d._plan()
+    lu, *gu = _grads(d, "unroll", theta0, target, plan)
+    g = _UnrollGraph(d, 10, theta0.numel())
+    g.theta0, g.target = g.theta0.double(), g.target.double()
+    if g.u is not None:
+        g.u = g.u.double()
+    if g.w is not None:
+        g.w = g.w.double()
+    g.fill(theta0, target, plan)
+    loss, *gg = g.run()
+    assert math.isclose(lu, float(loss), rel_tol=1e-12)
+    for a, b in zip(gu, gg):
+        assert a.abs().max() > 0
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-15)
+
+
+def test_cuda_graph_needs_cuda_and_unroll(digits):
+    with pytest.raises(ValueError, match="cuda_graph"):
+        small_config(cuda_graph=True, grad_mode="tesla")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device"):
+            DATM(small_config(cuda_graph=True), device="cpu", quiet=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_run_tracks_the_eager_run(digits, cache):
+    """The same distillation with and without the CUDA graph: same losses and synthetic images to TF32 rounding."""
+    train, _ = digits
+    out = {}
+    for graph in (False, True):
+        d = DATM(small_config(cuda_graph=graph, ipc=2, batch_syn=10, iterations=4), device="cuda",
+                 cache_dir=cache, quiet=True)
+        d.prepare(train)
+        d.initialize(train)
+        losses = [d.step()["loss"] for _ in range(4)]
+        out[graph] = (losses, d.image_syn.detach().cpu())
+    for a, b in zip(out[False][0], out[True][0]):
+        assert math.isclose(a, b, rel_tol=1e-2), (out[False][0], out[True][0])
+    torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-2, atol=1e-3)
+
+
 def test_tesla_drops_exactly_the_cross_step_terms(digits, cache):
     """N = 2: unroll = TESLA + dropped terms, the dropped terms computed independently with a Hessian-vector
     product at theta_1 (module docstring of ddfast.distill.datm)."""
