@@ -236,7 +236,8 @@ class _SolveThroughSystem(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, system, rhs, chol, xs, r):
-        alpha = torch.ops.ddfast.kernel_ridge_regression_solve(chol, xs, rhs, r)
+        with torch._C._AutoDispatchBelowAutograd():  # this Function is the autograd: skip the op's Python wrapper
+            alpha = torch.ops.ddfast.kernel_ridge_regression_solve(chol, xs, rhs, r)
         ctx.save_for_backward(system, rhs, chol, xs, r, alpha)
         return alpha
 
@@ -247,7 +248,8 @@ class _SolveThroughSystem(torch.autograd.Function):
             beta = _SolveThroughSystem.apply(system, g, chol, xs, r)
             alpha = _SolveThroughSystem.apply(system, rhs, chol, xs, r)
         else:
-            beta = torch.ops.ddfast.kernel_ridge_regression_solve(chol, xs, g.contiguous(), r)
+            with torch._C._AutoDispatchBelowAutograd():
+                beta = torch.ops.ddfast.kernel_ridge_regression_solve(chol, xs, g.contiguous(), r)
         d_a = -(beta @ alpha.mT) if ctx.needs_input_grad[0] else None
         return d_a, (beta if ctx.needs_input_grad[1] else None), None, None, None
 
