@@ -23,6 +23,9 @@ algorithm choice, TF32 convolutions, atomic additions). Timing: alternating eage
     python benchmarks/bench_cuda_graph.py [--widths 32,128] [--modes unroll,tesla] [--iters 20] [--dsa on,off]
 
 On a machine without a GPU the script times the eager loop only (and says so).
+
+This script keeps its own copy of the loop (it also times TESLA, and its figures in ``RESULTS.md`` were measured
+with it); the library's version of the unrolled case is DATM's ``cuda_graph=True`` (``ddfast.distill.datm``).
 """
 from __future__ import annotations
 
