@@ -39,6 +39,7 @@ __all__ = [
     "corrupt_labels",
     "transition_matrix",
     "estimate_transition",
+    "posterior_probabilities",
     "estimate_noise_rate",
     "posterior_labels",
     "forward_corrected_cross_entropy",
@@ -324,23 +325,23 @@ def estimate_noise_rate(transition: torch.Tensor, prior: Optional[torch.Tensor] 
     return float(min(1.0, max(0.0, 1.0 - float((p * T.diagonal()).sum()))))
 
 
-def posterior_labels(probs: torch.Tensor, labels: torch.Tensor, transition: torch.Tensor,
-                     class_prior: Optional[torch.Tensor] = None, iterations: int = 50) -> torch.Tensor:
-    """The most probable true class of every sample given its image and its given label, by Bayes' rule under a
-    class-conditional noise transition: ``argmax_j P(true j | x, given y~) = argmax_j p_j(x) T[j, y~]``, with a
+def posterior_probabilities(probs: torch.Tensor, labels: torch.Tensor, transition: torch.Tensor,
+                            class_prior: Optional[torch.Tensor] = None, iterations: int = 50) -> torch.Tensor:
+    """The distribution of every sample's true class given its image and its given label, by Bayes' rule under a
+    class-conditional noise transition: ``P(true j | x, given y~) = p_j(x) T[j, y~] / sum_k p_k(x) T[k, y~]``, with a
     classifier's probabilities ``p(x)`` standing in for ``P(true j | x)`` (the latent-true-label posterior of
     Xiao et al., CVPR 2015, "Learning from massive noisy labeled data for image classification", Sec. 3, with the
-    noise independent of the image given the true class). A label is changed only when the classifier's
-    preference for another class outweighs how rarely that class is flipped into the given one: under pair flips
+    noise independent of the image given the true class). Its argmax (:func:`posterior_labels`) changes a label
+    only when the classifier's preference for another class outweighs how rarely that class is flipped into the given one: under pair flips
     (asymmetric noise) the flipped pairs are resolved by the image; under symmetric noise of rate r over C classes
     a label moves to class j only when ``p_j / p_y~ > (1 - r) (C - 1) / r``.
 
     A classifier trained on the noisy labels that cannot tell two swapped classes apart tilts slightly towards
-    one of them, and the rule then moves most of the other class into it (measured on Fashion-MNIST under pair
+    one of them, and the argmax then moves most of the other class into it (measured on Fashion-MNIST under pair
     swaps: 89 % of the T-shirts became Shirts). With ``class_prior`` the posterior is class-balanced: per-class
     weights ``w`` are fitted (``iterations`` Sinkhorn-Knopp rescalings, as for the equipartitioned pseudo-labels
     of Asano et al., ICLR 2020, "Self-labelling via simultaneous clustering and representation learning") so that the normalised posteriors ``p_j T[j, y~] w_j`` of all samples sum to
-    ``N * class_prior_j`` per class; then the argmax is taken. Each class keeps about its share, and within a
+    ``N * class_prior_j`` per class. The argmax then keeps each class at about its share, and within a
     pair the samples with the strongest evidence move.
 
     Args:
@@ -354,7 +355,9 @@ def posterior_labels(probs: torch.Tensor, labels: torch.Tensor, transition: torc
         iterations: rescalings of the balancing (>= 1).
 
     Returns:
-        ``int64 [N]`` on the CPU; ties go to the lowest class index (``torch.argmax``).
+        ``float64 [N, C]`` on the CPU, rows summing to 1 (with ``class_prior``: the balanced posteriors
+        ``p_j T[j, y~] w_j``, normalised). Its argmax is :func:`posterior_labels`; as a soft target of a
+        cross-entropy it is the expected clean-label loss under the model (``E[-log s_true] = -sum_j q_j log s_j``).
 
     Raises:
         ValueError: shapes that do not match, labels outside ``[0, C)``, a ``class_prior`` that is not ``C``
@@ -371,7 +374,7 @@ def posterior_labels(probs: torch.Tensor, labels: torch.Tensor, transition: torc
         raise ValueError(f"transition must be [{C}, {C}] like probs' classes, got {tuple(T.shape)}")
     post = probs.detach().double().cpu() * T[:, y].T
     if class_prior is None:
-        return post.argmax(1)
+        return post / post.sum(1, keepdim=True).clamp_min(1e-300)
     pi = torch.as_tensor(class_prior).detach().double().cpu()
     if pi.shape != (C,) or bool((pi < 0).any()) or abs(float(pi.sum()) - 1.0) > 1e-6:
         raise ValueError(f"class_prior must be [{C}] non-negative shares summing to 1, got shape "
@@ -385,7 +388,20 @@ def posterior_labels(probs: torch.Tensor, labels: torch.Tensor, transition: torc
         q = post * w
         q = q / q.sum(1, keepdim=True).clamp_min(1e-300)
         w = w * target / q.sum(0).clamp_min(1e-300)
-    return (post * w).argmax(1)
+    q = post * w
+    return q / q.sum(1, keepdim=True).clamp_min(1e-300)
+
+
+def posterior_labels(probs: torch.Tensor, labels: torch.Tensor, transition: torch.Tensor,
+                     class_prior: Optional[torch.Tensor] = None, iterations: int = 50) -> torch.Tensor:
+    """The most probable true class of every sample given its image and its given label:
+    ``argmax_j P(true j | x, given y~) = argmax_j p_j(x) T[j, y~]`` (class-balanced with ``class_prior``), the
+    argmax of :func:`posterior_probabilities` (same arguments, same errors).
+
+    Returns:
+        ``int64 [N]`` on the CPU; ties go to the lowest class index (``torch.argmax``).
+    """
+    return posterior_probabilities(probs, labels, transition, class_prior, iterations).argmax(1)
 
 
 def forward_corrected_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, transition: torch.Tensor,

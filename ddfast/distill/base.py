@@ -53,6 +53,10 @@ class TrainSet:
             class i)`` (rows sum to 1; TAD's ``divert_pool="corrected"``): the networks trained on this set
             (DATM's experts, DANCE's and RCIG's model pools) then use forward loss correction
             (:func:`ddfast.noise.forward_corrected_cross_entropy`; Patrini et al., CVPR 2017).
+        soft_labels: optional ``float [N, C]`` distribution of each sample's true class (rows non-negative,
+            summing to 1; TAD's ``divert_real="posterior_soft"``: :func:`ddfast.noise.posterior_probabilities`).
+            A distiller whose loss on real data is a cross-entropy over classes uses them as its targets (RCIG's
+            outer loss); the others use the hard labels (``effective_labels``).
     """
 
     images: torch.Tensor
@@ -65,6 +69,7 @@ class TrainSet:
     trusted_mask: Optional[torch.Tensor] = None
     replacement_labels: Optional[torch.Tensor] = None
     transition: Optional[torch.Tensor] = None
+    soft_labels: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         if self.images.dim() != 4:
@@ -95,6 +100,15 @@ class TrainSet:
             if not bool(torch.isfinite(T).all()) or bool((T < 0).any()) or \
                     not torch.allclose(T.double().sum(1), torch.ones(C, dtype=torch.float64), atol=1e-4):
                 raise ValueError("TrainSet.transition must be row-stochastic (finite, >= 0, rows summing to 1)")
+        if self.soft_labels is not None:
+            q, C = self.soft_labels, self.num_classes
+            if q.shape != (n, C) or not q.is_floating_point():
+                raise ValueError(f"TrainSet.soft_labels must be a float [{n}, {C}] tensor, got {q.dtype} "
+                                 f"{tuple(q.shape)}")
+            if n and (not bool(torch.isfinite(q).all()) or bool((q < 0).any()) or
+                      not torch.allclose(q.double().sum(1), torch.ones(n, dtype=torch.float64), atol=1e-3)):
+                raise ValueError("TrainSet.soft_labels must be class distributions (finite, >= 0, rows summing "
+                                 "to 1)")
 
     @property
     def in_channels(self) -> int:
@@ -142,7 +156,8 @@ class TrainSet:
         pick = lambda t: None if t is None else t[indices]  # noqa: E731
         return dataclasses.replace(self, images=self.images[indices], labels=self.labels[indices],
                                    weights=pick(self.weights), trusted_mask=pick(self.trusted_mask),
-                                   replacement_labels=pick(self.replacement_labels))
+                                   replacement_labels=pick(self.replacement_labels),
+                                   soft_labels=pick(self.soft_labels))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -542,8 +557,10 @@ class DistillViews:
 
 def labels_digest(train: TrainSet) -> str:
     """A short content hash of the labels, trust mask, replacement labels and (when set) the noise transition
-    of forward correction (cache keys)."""
+    of forward correction and the soft labels (cache keys)."""
     parts = [train.labels, train.trusted_mask, train.replacement_labels, torch.tensor(list(train.images.shape))]
     if train.transition is not None:
         parts.append(train.transition.double())
+    if train.soft_labels is not None:
+        parts.append(train.soft_labels.double())
     return tensor_digest(*parts, with_meta=True)

@@ -429,7 +429,8 @@ def meta_step(model: nn.Module, params: Dict[str, torch.Tensor], images: torch.T
         params: ``{name: Tensor}`` base parameters ``theta0`` (treated as constants).
         images: learned support images ``float [m, C, H, W]`` (network-input space).
         labels: learned labels ``float [m, C]``; log_temp: 0-d ``tau``.
-        real_x: real batch ``float [B, C, H, W]`` (network-input space); real_y: ``int64 [B]``.
+        real_x: real batch ``float [B, C, H, W]`` (network-input space); real_y: ``int64 [B]`` class indices or
+            ``float [B, num_classes]`` class distributions (soft targets of the cross-entropy).
         ridge: ``lambda`` (RCIG: ``l2_rate * m``).
         use_flip: append horizontally flipped copies of the support (``n = 2m``).
         Others: see :class:`RCIGConfig`.
@@ -448,9 +449,11 @@ def meta_step(model: nn.Module, params: Dict[str, torch.Tensor], images: torch.T
     if images.dim() != 4 or labels.shape != (images.shape[0], labels.shape[-1]) or labels.dim() != 2:
         raise ValueError(f"images must be [m, C, H, W] and labels [m, num_classes], got {tuple(images.shape)} "
                          f"and {tuple(labels.shape)}")
-    if real_x.dim() != 4 or real_y.shape != (real_x.shape[0],):
-        raise ValueError(f"real_x must be [B, C, H, W] and real_y [B], got {tuple(real_x.shape)} and "
-                         f"{tuple(real_y.shape)}")
+    soft = real_y.is_floating_point()
+    if real_x.dim() != 4 or real_y.shape[:1] != real_x.shape[:1] or \
+            real_y.shape[1:] != ((labels.shape[-1],) if soft else ()):
+        raise ValueError(f"real_x must be [B, C, H, W] and real_y [B] (int64) or [B, {labels.shape[-1]}] (float), "
+                         f"got {tuple(real_x.shape)} and {real_y.dtype} {tuple(real_y.shape)}")
     if hinv_solver == "adam" and hinv_lr is None and n_hinv_steps > 0:
         raise ValueError("hinv_lr is needed for the Adam Hessian-inverse solver")
     if lin is None:
@@ -477,7 +480,7 @@ def meta_step(model: nn.Module, params: Dict[str, torch.Tensor], images: torch.T
         with torch.profiler.record_function("rcig/krr_predict"):
             k_pred = krr_predict(prob.factor, resid.to(krr_dtype), cache_t.features.to(krr_dtype)).to(u_t.dtype)
         pred = u_t + k_pred
-        ce = F.cross_entropy(pred * tau.exp(), real_y)
+        ce = F.cross_entropy(pred * tau.exp(), real_y.to(pred.dtype) if soft else real_y)
         loss = ce - _margin(y) if margin else ce
         leaves = [u_t, u_s, x, tau] + ([y] if learn_labels else [])
         with torch.profiler.record_function("rcig/backward_outer"):
@@ -490,7 +493,7 @@ def meta_step(model: nn.Module, params: Dict[str, torch.Tensor], images: torch.T
         d_y = torch.zeros_like(y)
     with torch.no_grad():
         g_psi = lin.vjp(cache_t, g_ut) + lin.vjp(prob.cache_d, g_us)
-        acc = float((pred.argmax(1) == real_y).float().mean())
+        acc = float((pred.argmax(1) == (real_y.argmax(1) if soft else real_y)).float().mean())
 
     # 3. v = H^{-1} g_psi
     with torch.no_grad():
@@ -679,7 +682,9 @@ class RCIG(Distiller):
         if idx.numel() == 0:
             raise ValueError("the training set has no distillable (trusted) samples")
         self._real_idx = idx
-        self._real_labels = train.effective_labels()[idx]
+        # soft labels (TAD's posterior distribution) become the outer cross-entropy's targets
+        self._real_labels = (train.soft_labels[idx].float() if train.soft_labels is not None
+                             else train.effective_labels()[idx])
 
     def update_train(self, train: TrainSet) -> None:
         """TAD: a new trusted view; the outer loss samples only from it from now on (the support set, the

@@ -164,7 +164,11 @@ class TADConfig(Config):
             (``True``), from the plain noisy set (``False``), or from every sample with TAD's labels: its
             pseudo-labels (``"relabel"``) or the posterior labels (``"posterior"``, see ``divert_pool``). For RCIG,
             whose outer loss is the only place real labels enter, ``"posterior"`` is how the posterior labels
-            reach it. ``"auto"`` (the default) [ddfast]: ``"posterior"`` by the ``divert_min_class_share`` rule,
+            reach it. ``"posterior_soft"`` [ddfast]: the ``"posterior"`` view, and RCIG's outer cross-entropy takes
+            the whole posterior distribution as its target (:func:`ddfast.noise.posterior_probabilities`): with a
+            calibrated scorer that is the expected loss on the unknown clean labels, and a sample the scorer
+            cannot place spreads its weight over its likely classes instead of committing to one; distillers
+            without a cross-entropy on real data (DATM, DANCE) see the ``"posterior"`` view. ``"auto"`` (the default) [ddfast]: ``"posterior"`` by the ``divert_min_class_share`` rule,
             else ``True``.
         pass_weights: hand the GMM posteriors (1 for recalled samples) to the distiller as ``weights``.
             ``divert_init`` and ``pass_weights`` default True.
@@ -214,7 +218,8 @@ class TADConfig(Config):
     posterior_balance: bool = option(True)
     transition_quantile: float = option(0.1, gt=0, le=1)
     divert_init: bool = option(True)
-    divert_real: Union[bool, str] = option("auto", choices=("auto", True, False, "relabel", "posterior"))
+    divert_real: Union[bool, str] = option("auto", choices=("auto", True, False, "relabel", "posterior",
+                                                            "posterior_soft"))
     divert_min_class_share: float = option(0.2, ge=0, le=1)
     pass_weights: bool = option(True)
     consistency_lambda: float = option(0.1, ge=0)

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from ..distill.base import TrainSet
 from ..io import load_tensors, save_tensors
-from ..noise import estimate_noise_rate, estimate_transition, posterior_labels, transition_matrix
+from ..noise import estimate_noise_rate, estimate_transition, posterior_probabilities, transition_matrix
 from ..ops import sample_stats
 from .config import TADConfig
 from .partition import cleanlab_detector, partition, partition_metrics, recall
@@ -38,7 +38,7 @@ _STATE_FORMAT = "ddfast.TADRound/1"
 
 #: the string values of ``divert_pool`` / ``diverted_view``'s ``divert`` besides True / False ("auto" is resolved
 #: before a view is built, :func:`ddfast.tad.resolve_divert_pool`)
-DIVERT_VIEWS = ("relabel", "corrected", "posterior")
+DIVERT_VIEWS = ("relabel", "corrected", "posterior", "posterior_soft")
 
 
 @dataclass
@@ -65,6 +65,9 @@ class TrustState:
             under ``transition``, with the scorer's probabilities as the image's evidence, class-balanced to the
             given labels' shares when ``TADConfig.posterior_balance`` (:func:`ddfast.noise.posterior_labels`); what ``divert_pool="posterior"`` trains on. None in
             checkpoints written before it existed.
+        posterior_probs: ``float32 [N, C]`` -- the distribution whose argmax is ``posterior``
+            (:func:`ddfast.noise.posterior_probabilities`); the soft labels of ``divert_real="posterior_soft"``.
+            None in checkpoints written before it existed.
     """
 
     round: int
@@ -77,6 +80,7 @@ class TrustState:
     transition: Optional[torch.Tensor] = None
     noise_rate: Optional[float] = None
     posterior: Optional[torch.Tensor] = None
+    posterior_probs: Optional[torch.Tensor] = None
 
     def effective_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """``int64 [N]``: ``labels`` with the pseudo-labels applied."""
@@ -307,7 +311,8 @@ def run_round(ctx: RoundContext, r: int, prev: Optional[TrustState]) -> Tuple[Tr
     shares = None
     if cfg.posterior_balance:  # keep the given labels' class shares (TADConfig.posterior_balance)
         shares = torch.bincount(train.labels.cpu(), minlength=ctx.num_classes).double() / train.labels.numel()
-    posterior = posterior_labels(probs, train.labels, transition, class_prior=shares)
+    posterior_probs = posterior_probabilities(probs, train.labels, transition, class_prior=shares)
+    posterior = posterior_probs.argmax(1)
     diag["n_posterior_changed"] = int((posterior != train.labels.cpu()).sum())
     diag["transition_diagonal"] = [round(float(v), 4) for v in transition.diagonal()]
     prior = torch.bincount(pred.long().cpu(), minlength=ctx.num_classes).double() / max(1, pred.numel())
@@ -321,7 +326,7 @@ def run_round(ctx: RoundContext, r: int, prev: Optional[TrustState]) -> Tuple[Tr
     gmm = {"weights": fit.weights.float(), "means": fit.means.float(), "variances": fit.variances.float()}
     state = TrustState(round=r, trusted=sp.trusted, replacement=sp.replacement, weights=sp.weights, ema=ema,
                        ema_labels=labels.clone(), gmm=gmm, transition=transition, noise_rate=noise_rate,
-                       posterior=posterior)
+                       posterior=posterior, posterior_probs=posterior_probs.float())
     return state, diag
 
 
@@ -349,6 +354,8 @@ class RoundStore:
             tensors["noise_rate"] = torch.tensor(float(state.noise_rate), dtype=torch.float64)
         if state.posterior is not None:
             tensors["posterior"] = state.posterior
+        if state.posterior_probs is not None:
+            tensors["posterior_probs"] = state.posterior_probs
         for k, v in state.gmm.items():
             tensors[f"gmm.{k}"] = v
         for k, v in model.state_dict().items():
@@ -394,7 +401,9 @@ class RoundStore:
                            ema_labels=tensors["ema_labels"].long(), gmm=gmm,
                            transition=tensors["transition"].double() if "transition" in tensors else None,
                            noise_rate=float(tensors["noise_rate"]) if "noise_rate" in tensors else None,
-                           posterior=tensors["posterior"].long() if "posterior" in tensors else None)
+                           posterior=tensors["posterior"].long() if "posterior" in tensors else None,
+                           posterior_probs=(tensors["posterior_probs"].float() if "posterior_probs" in tensors
+                                            else None))
         return state, list(meta.get("diagnostics", []))
 
 
@@ -414,13 +423,17 @@ def diverted_view(train: TrainSet, state: Optional[TrustState], divert: Union[bo
     - ``divert="posterior"`` and a state: every sample (no mask, no weights), each with its most probable true
       class given its image and given label (``state.posterior``) as ``replacement_labels`` where that differs
       from the given label;
+    - ``divert="posterior_soft"`` and a state: the ``"posterior"`` view plus ``soft_labels =
+      state.posterior_probs`` (the whole posterior distribution, for a distiller whose real-data loss is a
+      cross-entropy: RCIG);
     - otherwise the plain noisy set (trust fields cleared).
 
-    Raises ``ValueError`` for any other ``divert``, or ``"corrected"`` / ``"posterior"`` with a state that has no
-    transition / posterior labels (a checkpoint of an older ddfast)."""
+    Raises ``ValueError`` for any other ``divert``, or ``"corrected"`` / ``"posterior"`` / ``"posterior_soft"``
+    with a state that has no transition / posterior labels / posterior distribution (a checkpoint of an older
+    ddfast)."""
     if not (isinstance(divert, bool) or divert in DIVERT_VIEWS):
         raise ValueError(f"divert must be True, False or one of {DIVERT_VIEWS}, got {divert!r}")
-    plain = dict(weights=None, trusted_mask=None, replacement_labels=None, transition=None)
+    plain = dict(weights=None, trusted_mask=None, replacement_labels=None, transition=None, soft_labels=None)
     if not divert or state is None:
         return dataclasses.replace(train, **plain)
     if divert == "relabel":
@@ -430,12 +443,15 @@ def diverted_view(train: TrainSet, state: Optional[TrustState], divert: Union[bo
             raise ValueError("divert='corrected' needs the round's noise transition, which this TAD checkpoint "
                              "(written by an older ddfast) lacks; rerun TAD in a new checkpoint directory")
         return dataclasses.replace(train, **{**plain, "transition": state.transition.clone()})
-    if divert == "posterior":
-        if state.posterior is None:
-            raise ValueError("divert='posterior' needs the round's posterior labels, which this TAD checkpoint "
-                             "(written by an older ddfast) lacks; rerun TAD in a new checkpoint directory")
+    if divert in ("posterior", "posterior_soft"):
+        if state.posterior is None or (divert == "posterior_soft" and state.posterior_probs is None):
+            raise ValueError(f"divert={divert!r} needs the round's posterior labels and distribution, which this "
+                             "TAD checkpoint (written by an older ddfast) lacks; rerun TAD in a new checkpoint "
+                             "directory")
         changed = state.posterior != train.labels.cpu()
+        soft = state.posterior_probs.clone() if divert == "posterior_soft" else None
         return dataclasses.replace(train, **{**plain, "replacement_labels": torch.where(
-            changed, state.posterior, torch.full_like(state.posterior, -1))})
+            changed, state.posterior, torch.full_like(state.posterior, -1)), "soft_labels": soft})
     return dataclasses.replace(train, trusted_mask=state.trusted.clone(), replacement_labels=state.replacement.clone(),
-                               weights=state.weights.clone() if pass_weights else None, transition=None)
+                               weights=state.weights.clone() if pass_weights else None, transition=None,
+                               soft_labels=None)

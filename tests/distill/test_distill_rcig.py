@@ -420,6 +420,25 @@ def test_trust_fields_are_respected(digits):
     x2, y2 = r._real_batch()
     assert x2.shape[0] == 100 and torch.isfinite(x2).all()
     assert sorted(y2.tolist()) == sorted(tr.labels[:100].tolist())
+    # soft labels (TAD's posterior distribution): the batch's targets are their rows, as float
+    soft = torch.softmax(torch.randn(n, 10, generator=torch.Generator().manual_seed(3)), 1)
+    r.update_train(TrainSet(tr.images, tr.labels, 10, tr.mean, tr.std, name="digits", soft_labels=soft))
+    x3, y3 = r._real_batch()
+    ref3 = r.transform(tr.images).reshape(n, -1)
+    match3 = torch.cdist(x3.reshape(x3.shape[0], -1), ref3).argmin(1)
+    assert y3.dtype == torch.float32 and torch.equal(y3, soft[match3])
+
+
+def test_trainset_soft_labels_are_checked(digits):
+    tr, _ = digits
+    n = tr.labels.numel()
+    good = torch.full((n, 10), 0.1)
+    assert _train_set(tr, soft_labels=good).subset(torch.arange(5)).soft_labels.shape == (5, 10)
+    for bad, what in ((torch.full((n, 9), 1 / 9), "float"), (torch.ones(n, 10, dtype=torch.int64), "float"),
+                      (torch.full((n, 10), 0.2), "distributions"),
+                      (torch.where(torch.arange(10) == 0, float("nan"), 0.1).expand(n, 10), "distributions")):
+        with pytest.raises(ValueError, match=what):
+            _train_set(tr, soft_labels=bad)
 
 
 def test_outer_loss_goes_down_and_beats_initialisation(digits, tmp_path):
@@ -449,3 +468,35 @@ def test_outer_loss_goes_down_and_beats_initialisation(digits, tmp_path):
     acc0 = evaluate_synset(syn0.images, syn0.labels, te, config=ec, transform=tf, images_transformed=True)
     print(f"RCIG digits IPC1: distilled {acc}, initialisation {acc0}")
     assert acc.mean > acc0.mean + 3.0, (acc, acc0)
+
+
+def test_soft_real_targets_are_the_mixture_of_their_hard_targets(digits):
+    """Soft targets of the outer cross-entropy (TAD's posterior distribution, ``divert_real="posterior_soft"``):
+    a one-hot distribution gives exactly the hard label's loss and meta-gradient, and, with exact inner and
+    Hessian-inverse solves and no clipping, the loss and meta-gradient of ``a e_y1 + (1 - a) e_y2`` are the same
+    mixture of those of y1 and y2 (the cross-entropy is linear in its target; so are g_psi and H^-1 g_psi)."""
+    tr, _ = digits
+    m, params = _tiny_net(beta=60.0)
+    gen = torch.Generator().manual_seed(7)
+    images = tr.images[:5].double() + 0.05 * torch.randn(5, 1, 8, 8, generator=gen, dtype=torch.float64)
+    labels = F.one_hot(tr.labels[:5], 10).double() - 0.1
+    log_temp = torch.tensor(0.2, dtype=torch.float64)
+    real_x, y1 = tr.images[100:140].double(), tr.labels[100:140]
+    y2 = (y1 + 1 + torch.randint(0, 9, y1.shape, generator=gen)) % 10
+    P = LinearizedNet(m, params).numel
+    kw = dict(ridge=0.02, n_inner_steps=P, inner_solver="cg", n_hinv_steps=P, hinv_solver="cg", hinv_rtol=1e-13,
+              clip_implicit=False, krr_dtype=torch.float64)
+    run = lambda y: meta_step(m, params, images, labels, log_temp, real_x, y, **kw)  # noqa: E731
+    r1, r2 = run(y1), run(y2)
+    one_hot = run(F.one_hot(y1, 10).double())
+    assert one_hot.loss == pytest.approx(r1.loss, rel=1e-12) and one_hot.acc == r1.acc
+    for name in ("grad_images", "grad_labels", "grad_log_temp"):
+        torch.testing.assert_close(getattr(one_hot, name), getattr(r1, name), rtol=1e-10, atol=1e-12)
+    a = 0.3
+    mix = run(a * F.one_hot(y1, 10).double() + (1 - a) * F.one_hot(y2, 10).double())
+    assert mix.loss == pytest.approx(a * r1.loss + (1 - a) * r2.loss, rel=1e-10)
+    for name in ("grad_images", "grad_labels", "grad_log_temp"):
+        want = a * getattr(r1, name) + (1 - a) * getattr(r2, name)
+        torch.testing.assert_close(getattr(mix, name), want, rtol=1e-7, atol=1e-9)
+    with pytest.raises(ValueError, match="real_y"):
+        run(torch.full((40, 9), 1 / 9, dtype=torch.float64))

@@ -704,9 +704,19 @@ def test_posterior_pool_sees_every_sample_with_its_posterior_label(tmp_path):
                                         class_prior=shares), post)
     view = diverted_view(ts, res.state, "posterior")
     assert torch.equal(view.effective_labels(), post) and view.trusted_mask is None and view.weights is None
+    assert view.soft_labels is None
+    # the distribution behind it: stored with the round, argmax = the posterior labels; the soft view carries it
+    q = res.state.posterior_probs
+    assert q.shape == (ts.labels.numel(), 10) and torch.equal(t["posterior_probs"], q)
+    assert torch.equal(q.argmax(1), post)
+    soft = diverted_view(ts, res.state, "posterior_soft")
+    assert torch.equal(soft.soft_labels, q) and torch.equal(soft.effective_labels(), post)
+    assert diverted_view(ts, res.state, True).soft_labels is None
     old = dataclasses.replace(res.state, posterior=None)  # a round checkpoint from before the posterior existed
     with pytest.raises(ValueError, match="posterior"):
         diverted_view(ts, old, "posterior")
+    with pytest.raises(ValueError, match="posterior"):
+        diverted_view(ts, dataclasses.replace(res.state, posterior_probs=None), "posterior_soft")
 
 
 @pytest.mark.parametrize("real", ["posterior", "relabel"])

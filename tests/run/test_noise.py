@@ -8,7 +8,8 @@ import torch
 
 from ddfast.noise import (ASYM_MAPPINGS, CIFAR100_SUPERCLASSES, NoiseSpec, corrupt_labels, estimate_noise_rate,
                           estimate_transition,
-                          forward_corrected_cross_entropy, posterior_labels, get_mapping, pair_transition, parse_noise_spec,
+                          forward_corrected_cross_entropy, posterior_labels, posterior_probabilities, get_mapping,
+                          pair_transition, parse_noise_spec,
                           symmetric_transition, transition_matrix)
 
 
@@ -394,3 +395,26 @@ def test_posterior_labels_errors():
             posterior_labels(p, y, T, class_prior=bad)
     with pytest.raises(ValueError, match="iterations"):
         posterior_labels(p, y, T, class_prior=torch.full((3,), 1 / 3), iterations=0)
+
+
+@pytest.mark.parametrize("balanced", [False, True])
+def test_posterior_probabilities_against_a_loop(balanced):
+    """Without balancing: the normalised Bayes posterior of every sample (a Python loop); with it: rows still
+    distributions, column sums at N times the class prior, argmax = posterior_labels either way."""
+    g = torch.Generator().manual_seed(1)
+    C, n = 4, 200
+    p = torch.softmax(torch.randn(n, C, generator=g, dtype=torch.float64) * 2, 1)
+    y = torch.randint(0, C, (n,), generator=g)
+    T = torch.rand(C, C, generator=g, dtype=torch.float64) + torch.eye(C, dtype=torch.float64) * 2
+    T = T / T.sum(1, keepdim=True)
+    prior = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64) if balanced else None
+    q = posterior_probabilities(p.float(), y, T, class_prior=prior)
+    assert q.dtype == torch.float64 and q.shape == (n, C)
+    torch.testing.assert_close(q.sum(1), torch.ones(n, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert torch.equal(q.argmax(1), posterior_labels(p.float(), y, T, class_prior=prior))
+    if not balanced:
+        for i in range(0, n, 17):
+            w = [float(p[i, j].float()) * float(T[j, int(y[i])]) for j in range(C)]
+            assert q[i].tolist() == pytest.approx([v / sum(w) for v in w], rel=1e-6)
+    else:
+        torch.testing.assert_close(q.sum(0), n * prior, rtol=1e-6, atol=1e-6)
