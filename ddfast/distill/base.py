@@ -20,7 +20,7 @@ import os
 import resource
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -347,6 +347,11 @@ class DistillConfig(Config):
     seed: int = option(0)
     checkpoint_every: int = option(100, ge=0)
     eval_every: int = option(0, ge=0)
+
+    def check_device(self, device: Union[str, torch.device]) -> None:
+        """Raises ``ValueError`` naming the field when a setting cannot run on ``device`` (for example a CUDA-only
+        option on a CPU). Distillers call it on construction, ``ddfast run`` before it writes anything. The
+        base class accepts every device."""
 
 
 class Distiller:

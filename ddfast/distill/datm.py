@@ -195,6 +195,10 @@ class DATMConfig(DistillConfig):
         if not -(epochs + 1) <= self.label_model_timestamp <= epochs:
             self.fail("label_model_timestamp", f"{self.label_model_timestamp} is outside the {epochs + 1} snapshots")
 
+    def check_device(self, device) -> None:
+        if self.cuda_graph and torch.device(device).type != "cuda":
+            self.fail("cuda_graph", f"needs a CUDA device, got device {str(device)!r}")
+
     @property
     def net(self):
         """The experts' and the student's network (``expert.net``)."""
@@ -315,8 +319,7 @@ class DATM(Distiller):
         self._template = None
         self._dsa = DSA(config.dsa_strategy) if config.dsa else None
         self._graph: Optional[_UnrollGraph] = None
-        if config.cuda_graph and self.device.type != "cuda":
-            raise ValueError(f"cuda_graph=True needs a CUDA device, got device {str(self.device)!r}")
+        config.check_device(self.device)
         self.image_syn: Optional[torch.Tensor] = None
         self.label_syn: Optional[torch.Tensor] = None
         self.syn_lr: Optional[torch.Tensor] = None

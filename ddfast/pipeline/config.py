@@ -320,7 +320,13 @@ def resolve(cfg: RunConfig, dataset_name: Optional[str] = None) -> ResolvedRun:
     _check_basics(cfg)
     device = resolve_device(cfg.device)
     eval_ov, progress = _resolve_eval(cfg)
-    return ResolvedRun(cfg=cfg, distill=_resolve_distill(cfg, dataset_name or cfg.dataset), tad=_resolve_tad(cfg),
+    distill = _resolve_distill(cfg, dataset_name or cfg.dataset)
+    try:  # settings the device cannot run (a CUDA-only option on a CPU), before anything is written
+        distill.check_device(device)
+    except ValueError as exc:
+        m = re.match(r"[A-Z]\w*Config", str(exc))
+        raise _section_error("distill", exc, m.group(0) if m else None) from None
+    return ResolvedRun(cfg=cfg, distill=distill, tad=_resolve_tad(cfg),
                        eval_overrides=eval_ov, progress_epochs=progress,
                        baseline=_resolve_section(cfg, "baseline", BaselineConfig),
                        data=_resolve_section(cfg, "data", DataOptions), device=device,

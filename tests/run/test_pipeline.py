@@ -285,6 +285,9 @@ def test_bad_arguments_raise_usage_errors(tmp_path):
         (dict(baselines=("oracle",)), "unknown baseline"),
         (dict(overrides={"baseline": {"epoch": 3}}), "unknown baseline option"),
     ]
+    if not torch.cuda.is_available():  # a CUDA-only setting is refused before the run directory is created
+        cases.append((dict(method="datm", overrides={"distill": {"cuda_graph": True}}),
+                      r"-O distill\.cuda_graph: needs a CUDA device"))
     for kw, msg in cases:
         out = tmp_path / ("x" + str(abs(hash(msg))))
         with pytest.raises(UsageError, match=msg):
