@@ -802,8 +802,8 @@ def _tad_divert_sentence(tad: Dict[str, Any], method: Optional[str]) -> str:
             "relabel": "every image with TAD's pseudo-labels",
             "corrected": "every image with forward loss correction",
             "posterior": "every image with its posterior label (most probable true class given image and given label)",
-            "posterior_soft": "every image with its posterior label, RCIG's cross-entropy on the whole posterior "
-                              "distribution (soft labels)"}
+            "posterior_soft": "every image weighted by its posterior distribution over the true classes (soft "
+                              "labels)"}
     text = ""
     if summ.get("divert_pool", "n/a") != "n/a" and method != "rcig":
         text = f"Expert trajectories / model pool trained on {what.get(summ['divert_pool'], str(summ['divert_pool']))}"

@@ -55,8 +55,8 @@ class TrainSet:
             (:func:`ddfast.noise.forward_corrected_cross_entropy`; Patrini et al., CVPR 2017).
         soft_labels: optional ``float [N, C]`` distribution of each sample's true class (rows non-negative,
             summing to 1; TAD's ``divert_real="posterior_soft"``: :func:`ddfast.noise.posterior_probabilities`).
-            A distiller whose loss on real data is a cross-entropy over classes uses them as its targets (RCIG's
-            outer loss); the others use the hard labels (``effective_labels``).
+            RCIG takes them as the targets of its outer cross-entropy, DANCE draws class ``c``'s real batches with
+            probability ``soft_labels[:, c]``; everything else uses the hard labels (``effective_labels``).
     """
 
     images: torch.Tensor

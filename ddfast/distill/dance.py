@@ -48,6 +48,10 @@ TAD (:mod:`ddfast.tad`)
   step, called with that class's decoded synthetic images in network-input space (normalised, not
   augmented, ``float32 [n_c, ch, H, W]``) and their hard labels (``int64 [n_c]``). With ``iter_calib = 0``
   it gets its own per-class step instead.
+- With ``TrainSet.soft_labels`` (TAD's ``divert_real="posterior_soft"``) class ``c``'s real batches are
+  ``batch_real`` distinct images drawn with probability proportional to ``soft_labels[:, c]`` (the posterior
+  probability that the image is of class ``c``) from every image, instead of uniformly from those labelled ``c``:
+  the matched class means are posterior-weighted means. The initialisation still uses the hard labels.
 - :meth:`DANCE.update_train` swaps the real view (per-class statistics from the new trusted set); the pool
   is rebuilt from the new view only with ``rebuild_pool=True``. :meth:`prepare` keeps a pool already in
   memory, so ``run(..., initialize=False)`` in later TAD rounds does not retrain it.
@@ -288,6 +292,7 @@ class DANCE(Distiller):
         self._expert: Optional[nn.Module] = None
         self._expert_k: Optional[int] = None
         self._real: Optional[torch.Tensor] = None
+        self._soft: Optional[torch.Tensor] = None
         self._class_pos: List[torch.Tensor] = []
         self._dataset = "custom"
         self._num_classes = 0
@@ -350,6 +355,9 @@ class DANCE(Distiller):
         self._real = real.to(self.device, torch.float32)
         self._class_pos = [torch.nonzero(lab == c, as_tuple=False).flatten().to(self.device)
                            for c in range(train.num_classes)]
+        # soft labels (TAD's posterior distribution): class c's real batches are drawn with probability
+        # P(true c | x, given label) instead of from the images labelled c
+        self._soft = None if train.soft_labels is None else train.soft_labels[idx].double().cpu()
         self.normalize = Normalize(train.mean, train.std)
         self._dataset = train.name
         self._num_classes = int(train.num_classes)
@@ -401,6 +409,11 @@ class DANCE(Distiller):
         return int(torch.randint(2 ** 62, (1,), generator=self.generator))
 
     def _sample_real(self, c: int) -> torch.Tensor:
+        if self._soft is not None:
+            w = self._soft[:, c]
+            k = min(self.config.batch_real, int((w > 0).sum()))
+            take = torch.multinomial(w, k, replacement=False, generator=self.generator)
+            return self._real[take.to(self._real.device)]
         pos = self._class_pos[c]
         take = torch.randperm(pos.numel(), generator=self.generator)[:self.config.batch_real]
         return self._real[pos[take.to(pos.device)]]

@@ -167,8 +167,9 @@ class TADConfig(Config):
             reach it. ``"posterior_soft"`` [ddfast]: the ``"posterior"`` view, and RCIG's outer cross-entropy takes
             the whole posterior distribution as its target (:func:`ddfast.noise.posterior_probabilities`): with a
             calibrated scorer that is the expected loss on the unknown clean labels, and a sample the scorer
-            cannot place spreads its weight over its likely classes instead of committing to one; distillers
-            without a cross-entropy on real data (DATM, DANCE) see the ``"posterior"`` view. ``"auto"`` (the default) [ddfast]: ``"posterior"`` by the ``divert_min_class_share`` rule,
+            cannot place spreads its weight over its likely classes instead of committing to one. DANCE draws
+            class ``c``'s real batches from every image with probability ``P(true c | image, given label)``
+            (posterior-weighted class statistics); DATM sees the ``"posterior"`` view. ``"auto"`` (the default) [ddfast]: ``"posterior"`` by the ``divert_min_class_share`` rule,
             else ``True``.
         pass_weights: hand the GMM posteriors (1 for recalled samples) to the distiller as ``weights``.
             ``divert_init`` and ``pass_weights`` default True.

@@ -424,8 +424,8 @@ def diverted_view(train: TrainSet, state: Optional[TrustState], divert: Union[bo
       class given its image and given label (``state.posterior``) as ``replacement_labels`` where that differs
       from the given label;
     - ``divert="posterior_soft"`` and a state: the ``"posterior"`` view plus ``soft_labels =
-      state.posterior_probs`` (the whole posterior distribution, for a distiller whose real-data loss is a
-      cross-entropy: RCIG);
+      state.posterior_probs`` (the whole posterior distribution: RCIG's outer cross-entropy targets, DANCE's
+      posterior-weighted real batches);
     - otherwise the plain noisy set (trust fields cleared).
 
     Raises ``ValueError`` for any other ``divert``, or ``"corrected"`` / ``"posterior"`` / ``"posterior_soft"``

@@ -376,6 +376,36 @@ def test_trust_fields_respected(digits, monkeypatch):
     d.step()
 
 
+def test_soft_labels_draw_real_batches_by_posterior(digits, cache):
+    """TrainSet.soft_labels (TAD's posterior distribution): class c's real batches come from the images with
+    soft_labels[:, c] > 0, each drawn about in proportion to its weight (two weight levels, many draws)."""
+    ts, _ = digits
+    n = len(ts.labels)
+    d = ready(tiny(ipc=2, factor=2), ts, cache)
+    g = torch.Generator().manual_seed(0)
+    support = torch.rand(n, generator=g) < 0.3  # class 0's weight sits on these images only ...
+    heavy = support & (torch.arange(n) % 2 == 0)  # ... four times as much on every other one of them
+    q = torch.full((n, 10), 0.0)
+    q[:, 0] = torch.where(heavy, 0.8, torch.where(support, 0.2, 0.0))
+    q[:, 1:] = ((1 - q[:, 0]) / 9).unsqueeze(1)
+    d.update_train(dataclasses.replace(ts, soft_labels=q))
+    cfg_b = d.config.batch_real
+    ref = ts.images.reshape(n, -1)
+    counts = torch.zeros(n)
+    for _ in range(30):
+        x = d._sample_real(0).reshape(-1, ref.shape[1])
+        assert x.shape[0] == cfg_b
+        hit = torch.cdist(x, ref).argmin(1)
+        assert bool(support[hit].all()) and hit.unique().numel() == cfg_b  # distinct images from the support
+        counts[hit] += 1
+    per_heavy = float(counts[heavy].sum()) / int(heavy.sum())
+    per_light = float(counts[support & ~heavy].sum()) / int((support & ~heavy).sum())
+    assert 2.5 < per_heavy / per_light < 6.0  # 4x the weight (without replacement pulls it a little to 1)
+    d.step()
+    d.update_train(ts)  # back to the hard labels
+    assert d._soft is None
+
+
 def test_batched_variant_gradient_is_sum_of_class_gradients(digits, cache):
     ts, _ = digits
     d = ready(tiny(ipc=2, factor=2, batched_classes=True), ts, cache)
