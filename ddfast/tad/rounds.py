@@ -119,10 +119,31 @@ class RoundContext:
 # ----------------------------------------------------------------------------------------------------------
 # the steps of a round
 # ----------------------------------------------------------------------------------------------------------
-def _train_scorer(ctx: RoundContext, r: int, prev: Optional[TrustState], labels: torch.Tensor) -> None:
-    sc, train = ctx.cfg.scorer, ctx.train
+def _warmup_noise_rate(ctx: RoundContext) -> float:
+    """The noise rate estimated from f as it stands (:func:`ddfast.noise.estimate_noise_rate`, as in
+    :func:`run_round`)."""
+    logits, _ = ctx.scorer.score(ctx.train.images)
+    probs = torch.softmax(logits.double(), 1)
+    transition = estimate_transition(probs, ctx.train.labels, ctx.num_classes, ctx.cfg.transition_quantile)
+    prior = torch.bincount(probs.argmax(1), minlength=ctx.num_classes).double() / max(1, probs.shape[0])
+    return estimate_noise_rate(transition, prior)
+
+
+def _train_scorer(ctx: RoundContext, r: int, prev: Optional[TrustState], labels: torch.Tensor) -> Dict[str, Any]:
+    """Trains (round 0) or refines f; returns diagnostics (round 0: the warm-up's noise-rate estimate and the
+    epochs f trained, ``ScorerConfig.high_noise_epochs``)."""
+    sc, train, cfg = ctx.cfg.scorer, ctx.train, ctx.cfg
     if r == 0:
-        ctx.scorer.train(train.images, train.labels, sc.warmup_epochs, tad_seed(ctx.cfg.seed, 1, 0))
+        ctx.scorer.train(train.images, train.labels, sc.warmup_epochs, tad_seed(cfg.seed, 1, 0))
+        if sc.high_noise_epochs <= sc.warmup_epochs:
+            return {"scorer_epochs": float(sc.warmup_epochs)}
+        rate = _warmup_noise_rate(ctx)
+        out = {"warmup_noise_rate_estimate": rate, "scorer_epochs": float(sc.warmup_epochs)}
+        if rate > cfg.divert_noise_rate:  # most labels wrong: the early-learning phase lasts longer
+            ctx.scorer.train(train.images, train.labels, sc.high_noise_epochs - sc.warmup_epochs,
+                             tad_seed(cfg.seed, 1, 0, 1))
+            out["scorer_epochs"] = float(sc.high_noise_epochs)
+        return out
     elif sc.refine != "none":
         idx = torch.nonzero(prev.trusted).flatten()
         if sc.refine == "retrain":
@@ -132,6 +153,7 @@ def _train_scorer(ctx: RoundContext, r: int, prev: Optional[TrustState], labels:
             epochs = sc.refine_epochs
         if epochs > 0:
             ctx.scorer.train(train.images[idx], labels[idx], epochs, tad_seed(ctx.cfg.seed, 1, r))
+    return {}
 
 
 def _trust_statistic(cfg: TADConfig, logits: torch.Tensor, labels: torch.Tensor, prev: Optional[TrustState]):
@@ -287,7 +309,7 @@ def run_round(ctx: RoundContext, r: int, prev: Optional[TrustState]) -> Tuple[Tr
     cpu0 = time.process_time()
     labels = train.labels if prev is None else prev.effective_labels(train.labels)
     t0 = time.perf_counter()
-    _train_scorer(ctx, r, prev, labels)
+    scorer_diag = _train_scorer(ctx, r, prev, labels)
     secs["scorer"], t0 = time.perf_counter() - t0, time.perf_counter()
     logits, feats = ctx.scorer.score(train.images)
     ema, stats = _trust_statistic(cfg, logits, labels, prev)
@@ -300,6 +322,7 @@ def run_round(ctx: RoundContext, r: int, prev: Optional[TrustState]) -> Tuple[Tr
     secs["cpu"] = time.process_time() - cpu0
     new_labels = torch.where(sp.replacement >= 0, sp.replacement, train.labels)
     diag = _diagnostics(ctx, r, sp, labels, new_labels, pred, n_fallback)
+    diag.update(scorer_diag)
     t0 = time.perf_counter()
     if cfg.cleanlab:
         diag.update(_cleanlab_diagnostics(ctx, r, logits, labels))

@@ -156,7 +156,9 @@ def run_tad(distiller: Distiller, train: TrainSet, config: Union[TADConfig, Dict
         ``trusted_per_class``, ``transition_diagonal`` (the estimated noise transition's diagonal),
         ``noise_rate_estimate`` (the estimated share of wrong given labels, which decides
         ``divert_pool="auto"``), ``n_posterior_changed`` (samples whose posterior label, ``divert_pool="posterior"``,
-        differs from the given one), ``seconds`` (dict of wall seconds: scorer, score, gmm, recall, cleanlab, total --
+        differs from the given one), at round 0 ``scorer_epochs`` (epochs f trained) and, with
+        ``scorer.high_noise_epochs`` on, ``warmup_noise_rate_estimate`` (the estimate after the warm-up that
+        decides them), ``seconds`` (dict of wall seconds: scorer, score, gmm, recall, cleanlab, total --
         total excludes cleanlab -- and cpu: the process CPU seconds of scorer..recall, a load-independent cost
         measure on a shared machine) and, with clean labels: ``label_accuracy`` (current labels before the
         round's recall vs truth), ``label_accuracy_after``, ``scorer_accuracy`` (f's predictions vs truth),

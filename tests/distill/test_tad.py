@@ -89,11 +89,29 @@ CASES = [("digits", "sym:0.4"), ("digits", "asym:0.4"),
     ("kappa", 1.5), ("recall", 1), ("consistency_lambda", -1.0), ("consistency_dsa", "color_warp"),
     ("consistency_target", "logits"), ("cleanlab_folds", 1), ("seed", 1.5), ("min_trusted_per_class", -1),
     ("divert_pool", "yes"), ("divert_pool", 1), ("divert_real", "corrected"), ("divert_real", 1), ("scorer.warmup_epochs", float("nan")), ("recall_ratio", 0.0), ("recall_ratio", 1.1),
-    ("trust_statistic", "entropy"),
+    ("trust_statistic", "entropy"), ("scorer.high_noise_epochs", -1.0), ("divert_real", "soft"),
 ])
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         TADConfig().replace(**{field: value})
+
+
+def test_high_noise_epochs_extend_the_warmup_only_when_most_labels_look_wrong():
+    """scorer.high_noise_epochs: f trains on only when the noise rate estimated after the warm-up exceeds
+    divert_noise_rate; the estimate is the one round 0 reports without the extension, and below the threshold
+    the run is the run without it, tensor for tensor."""
+    short = (("scorer.warmup_epochs", 2.0), ("rounds", 1), ("cleanlab", False))
+    on = lambda spec: partition_run("digits", spec, short + (("scorer.high_noise_epochs", 6.0),))  # noqa: E731
+    off = lambda spec: partition_run("digits", spec, short + (("scorer.high_noise_epochs", 0.0),))  # noqa: E731
+    hi_on, hi_off = on("sym:0.8").rounds[0], off("sym:0.8").rounds[0]
+    assert hi_off["scorer_epochs"] == 2.0 and "warmup_noise_rate_estimate" not in hi_off
+    assert hi_on["warmup_noise_rate_estimate"] == hi_off["noise_rate_estimate"] > 0.5
+    assert hi_on["scorer_epochs"] == 6.0 and hi_on["scorer_accuracy"] > hi_off["scorer_accuracy"]
+    lo_on, lo_off = on("sym:0.2"), off("sym:0.2")
+    assert lo_on.rounds[0]["warmup_noise_rate_estimate"] == lo_off.rounds[0]["noise_rate_estimate"] < 0.5
+    assert lo_on.rounds[0]["scorer_epochs"] == 2.0
+    for name in ("trusted", "replacement", "weights", "ema", "posterior", "posterior_probs"):
+        assert torch.equal(getattr(lo_on.state, name), getattr(lo_off.state, name)), name
 
 
 def test_config_round_trip_and_unknown_option():
