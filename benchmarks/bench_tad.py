@@ -16,6 +16,7 @@ Usage::
     .venv/bin/python benchmarks/bench_tad.py                          # sym:0.4 and asym:0.4, default TAD
     .venv/bin/python benchmarks/bench_tad.py --variant margin:trust_statistic=margin --specs asym:0.4
     .venv/bin/python benchmarks/bench_tad.py --distill datm --specs sym:0.4 --json out.json
+    .venv/bin/python benchmarks/bench_tad.py --specs sym:0.8 --variant e12:scorer.warmup_epochs=12
 
 Prints markdown (paste into benchmarks/RESULTS.md) and, with ``--json``, writes everything measured.
 Run it when the machine is quiet; the wall times depend on the load (printed with ``uptime`` before and after).
@@ -68,8 +69,9 @@ def parse_variant(text: str):
 
 def round_table(rounds: List[Dict[str, Any]]) -> str:
     head = ("| round | T (GMM) | kept | recalled (relabelled) | T | precision | recall | GMM prec. / rec. | "
-            "pseudo-label acc. (labels replaced) | cleanlab prec. / rec. (n clean) | f acc. / fits noise | s |")
-    lines = [head, "|" + "---|" * 12]
+            "pseudo-label acc. (labels replaced) | cleanlab prec. / rec. (n clean) | f acc. / fits noise | "
+            "posterior labels acc. | s |")
+    lines = [head, "|" + "---|" * 13]
     for d in rounds:
         cl = (f"{_pct(d.get('cleanlab_precision'))} / {_pct(d.get('cleanlab_recall'))} "
               f"({d.get('cleanlab_n_clean', '—')})")
@@ -78,7 +80,8 @@ def round_table(rounds: List[Dict[str, Any]]) -> str:
             f"{d['n_trusted']} | {_pct(d.get('precision'))} | {_pct(d.get('recall'))} | "
             f"{_pct(d.get('gmm_precision'))} / {_pct(d.get('gmm_recall'))} | "
             f"{_pct(d.get('pseudo_label_accuracy'))} ({_pct(d.get('replaced_label_accuracy'))}) | {cl} | "
-            f"{_pct(d.get('scorer_accuracy'))} / {_pct(d.get('scorer_noisy_fit'))} | {d['seconds']['total']:.1f} |")
+            f"{_pct(d.get('scorer_accuracy'))} / {_pct(d.get('scorer_noisy_fit'))} | "
+            f"{_pct(d.get('posterior_label_accuracy'))} | {d['seconds']['total']:.1f} |")
     return "\n".join(lines)
 
 
