@@ -119,14 +119,19 @@ class RoundContext:
 # ----------------------------------------------------------------------------------------------------------
 # the steps of a round
 # ----------------------------------------------------------------------------------------------------------
-def _warmup_noise_rate(ctx: RoundContext) -> float:
-    """The noise rate estimated from f as it stands (:func:`ddfast.noise.estimate_noise_rate`, as in
-    :func:`run_round`)."""
-    logits, _ = ctx.scorer.score(ctx.train.images)
-    probs = torch.softmax(logits.double(), 1)
+def _noise_estimate(ctx: RoundContext, probs: torch.Tensor, pred: torch.Tensor) -> Tuple[torch.Tensor, float]:
+    """``(transition float64 [C, C], noise rate)`` of the given labels from f's probabilities ``[N, C]`` and
+    predictions ``[N]`` (:func:`ddfast.noise.estimate_transition`, :func:`ddfast.noise.estimate_noise_rate` with
+    f's predicted class shares as the prior)."""
     transition = estimate_transition(probs, ctx.train.labels, ctx.num_classes, ctx.cfg.transition_quantile)
-    prior = torch.bincount(probs.argmax(1), minlength=ctx.num_classes).double() / max(1, probs.shape[0])
-    return estimate_noise_rate(transition, prior)
+    prior = torch.bincount(pred.long().cpu(), minlength=ctx.num_classes).double() / max(1, pred.numel())
+    return transition, estimate_noise_rate(transition, prior)
+
+
+def _warmup_noise_rate(ctx: RoundContext) -> float:
+    """The noise rate estimated from f as it stands (as in :func:`run_round`)."""
+    logits, _ = ctx.scorer.score(ctx.train.images)
+    return _noise_estimate(ctx, torch.softmax(logits.double(), 1), logits.argmax(1))[1]
 
 
 def _train_scorer(ctx: RoundContext, r: int, prev: Optional[TrustState], labels: torch.Tensor) -> Dict[str, Any]:
@@ -330,7 +335,7 @@ def run_round(ctx: RoundContext, r: int, prev: Optional[TrustState]) -> Tuple[Tr
     secs["total"] = secs["scorer"] + secs["score"] + secs["gmm"] + secs["recall"]
     diag["seconds"] = secs
     probs = torch.softmax(logits.double(), 1)
-    transition = estimate_transition(probs, train.labels, ctx.num_classes, cfg.transition_quantile)
+    transition, noise_rate = _noise_estimate(ctx, probs, pred)
     shares = None
     if cfg.posterior_balance:  # keep the given labels' class shares (TADConfig.posterior_balance)
         shares = torch.bincount(train.labels.cpu(), minlength=ctx.num_classes).double() / train.labels.numel()
@@ -338,8 +343,6 @@ def run_round(ctx: RoundContext, r: int, prev: Optional[TrustState]) -> Tuple[Tr
     posterior = posterior_probs.argmax(1)
     diag["n_posterior_changed"] = int((posterior != train.labels.cpu()).sum())
     diag["transition_diagonal"] = [round(float(v), 4) for v in transition.diagonal()]
-    prior = torch.bincount(pred.long().cpu(), minlength=ctx.num_classes).double() / max(1, pred.numel())
-    noise_rate = estimate_noise_rate(transition, prior)
     diag["noise_rate_estimate"] = noise_rate
     if ctx.clean is not None:  # how far the estimate is from the realised noise (diagnostic only)
         true_t = transition_matrix(ctx.clean, train.labels, ctx.num_classes)
