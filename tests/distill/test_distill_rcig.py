@@ -295,7 +295,6 @@ def test_clipping_and_extra_loss(digits):
     a = meta_step(m, params, images, labels, t0, tr.images[200:264], tr.labels[200:264], **kw)
     for i, d in ((a.implicit_images, a.direct_images), (a.implicit_labels, a.direct_labels)):
         clipped = i * min(1.0, float(d.norm()) / float(i.norm()))
-        total = d + clipped
         assert float(clipped.norm()) <= float(d.norm()) * (1 + 1e-6)
     torch.testing.assert_close(a.grad_images, a.direct_images + a.implicit_images *
                                min(1.0, float(a.direct_images.norm() / a.implicit_images.norm())))
